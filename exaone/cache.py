@@ -1,0 +1,168 @@
+"""The hybrid-attention KV cache: a ring for sliding layers, a growing buffer for global layers.
+
+Layout (one pair of tensors per layer, rows = sequences that share the batch):
+
+    global layer  k, v: (rows, kv_heads, capacity, head_dim)   slot = position
+                  capacity grows in blocks of `block` tokens, up to max_len
+    sliding layer k, v: (rows, kv_heads, window, head_dim)     slot = position % window
+
+The cache holds no per-row lengths: the caller passes each query's absolute position, and
+which slots are valid follows from it (positions of a row are written 0, 1, 2, ... with no
+holes). A step runs on a contiguous range of rows (`rows=slice(a, b)`), so the batch is a view,
+never a gather. This module only stores and attends; it must not know about requests.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import Exaone4Config
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+class KVCache:
+    def __init__(self, config: Exaone4Config, rows: int, max_len: int | None = None, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 block: int = 256):
+        self.config, self.rows, self.block = config, rows, block
+        self.max_len = max_len or config.max_position_embeddings
+        self.dtype, self.device = dtype, torch.device(device)
+        self.sliding = config.is_sliding
+        self.window = config.sliding_window
+        shape = lambda n: (rows, config.num_key_value_heads, n, config.head_dim)  # noqa: E731
+        self.capacity = 0  # global layers' current capacity, in tokens
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for s in self.sliding:
+            n = self.window if s else 0
+            self.k.append(torch.zeros(shape(n), dtype=dtype, device=self.device))
+            self.v.append(torch.zeros(shape(n), dtype=dtype, device=self.device))
+        self._step = None
+
+    # ---- sizes ---------------------------------------------------------------------------
+    def ensure_capacity(self, length: int) -> None:
+        """Grow the global layers so positions < length fit (amortised: whole blocks)."""
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} exceeds the cache's max_len {self.max_len}")
+        if length <= self.capacity:
+            return
+        new = min(_round_up(max(length, 2 * self.capacity), self.block), self.max_len)
+        for i, s in enumerate(self.sliding):
+            if s:
+                continue
+            for store in (self.k, self.v):
+                old = store[i]
+                t = torch.zeros(old.shape[0], old.shape[1], new, old.shape[3], dtype=old.dtype, device=old.device)
+                t[:, :, : old.shape[2]] = old
+                store[i] = t
+        self.capacity = new
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def bytes_per_row(self) -> int:
+        return self.nbytes() // max(self.rows, 1)
+
+    # ---- row management (the engine keeps live rows contiguous) --------------------------
+    def copy_row(self, src: int, dst: int, length: int | None = None) -> None:
+        """Copy one sequence's cache to another row (used to compact rows and to fork n > 1)."""
+        if src == dst:
+            return
+        for i, s in enumerate(self.sliding):
+            n = self.k[i].shape[2] if (s or length is None) else min(length, self.k[i].shape[2])
+            self.k[i][dst, :, :n] = self.k[i][src, :, :n]
+            self.v[i][dst, :, :n] = self.v[i][src, :, :n]
+
+    # ---- one forward step ----------------------------------------------------------------
+    def begin(self, rows: slice, positions: torch.Tensor) -> None:
+        """Prepare masks for a step over `rows` with query positions (B, C), contiguous per row."""
+        B, C = positions.shape
+        pos = positions.to(self.device)
+        last = int(pos.max()) + 1
+        self.ensure_capacity(last)
+        ar = torch.arange(last, device=self.device)
+        step = {"rows": rows, "pos": pos, "C": C, "len": last}
+        # Global slots: slot j holds position j; valid for a query at q iff j <= q.
+        step["mask_global"] = (ar[None, None, :] <= pos[:, :, None])[:, None]
+        if self.window is not None and any(self.sliding):
+            W = self.window
+            if C == 1:
+                # Decode writes first; ring slot j then holds the newest position p = j (mod W),
+                # p in (q-W, q], which exists iff j <= q. No per-slot positions need storing.
+                n = min(W, last)
+                step["mask_sliding"] = (ar[None, None, :n] <= pos[:, :, None])[:, None]
+            else:
+                # Chunked prefill attends to [ring ; chunk] before writing, so the chunk never
+                # overwrites keys its own earlier queries still need.
+                p0 = pos[:, :1]
+                j = torch.arange(W, device=self.device)[None, :]
+                ring_pos = p0 - 1 - torch.remainder(p0 - 1 - j, W)  # (B, W); < 0 means empty
+                key_pos = torch.cat([ring_pos, pos], dim=1)  # (B, W + C)
+                valid = (key_pos >= 0)[:, None, :]
+                q = pos[:, :, None]
+                kp = key_pos[:, None, :]
+                step["mask_sliding"] = (valid & (kp <= q) & (q - kp < W))[:, None]
+                step["slot_sliding"] = torch.remainder(pos, W)
+        self._step = step
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, H, C, D), k/v (B, KVH, C, D) for the step's rows -> attention output (B, H, C, D)."""
+        st = self._step
+        rows, pos, C, L = st["rows"], st["pos"], st["C"], st["len"]
+        K, V = self.k[layer], self.v[layer]
+        k, v = k.to(K.dtype), v.to(V.dtype)
+        if not self.sliding[layer]:
+            _write(K, V, rows, pos, k, v)
+            keys, vals, mask = K[rows, :, :L], V[rows, :, :L], st["mask_global"]
+        elif C == 1:
+            _write(K, V, rows, torch.remainder(pos, self.window), k, v)
+            n = st["mask_sliding"].shape[-1]
+            keys, vals, mask = K[rows, :, :n], V[rows, :, :n], st["mask_sliding"]
+        else:
+            keys = torch.cat([K[rows], k], dim=2)
+            vals = torch.cat([V[rows], v], dim=2)
+            mask = st["mask_sliding"]
+            keep = min(C, self.window)  # only the newest `window` tokens survive in the ring
+            _write(K, V, rows, st["slot_sliding"][:, -keep:], k[:, :, -keep:], v[:, :, -keep:])
+        return sdpa(q, keys, vals, mask)
+
+
+def _write(K, V, rows: slice, slots: torch.Tensor, k, v) -> None:
+    B, C = slots.shape
+    if C > 1 and B == 1 and bool((slots[0, 1:] - slots[0, :-1] == 1).all()):
+        s = int(slots[0, 0])  # a contiguous chunk: plain slice copy
+        K[rows, :, s:s + C] = k
+        V[rows, :, s:s + C] = v
+        return
+    r = torch.arange(rows.start, rows.start + B, device=K.device)[:, None].expand(B, C)
+    K[r, :, slots] = k.transpose(1, 2)
+    V[r, :, slots] = v.transpose(1, 2)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention with a boolean mask (True = attend)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=q.shape[-1] ** -0.5)
+
+
+def cache_bytes(config: Exaone4Config, tokens: int, dtype: torch.dtype = torch.bfloat16, block: int = 256) -> dict:
+    """Bytes that KVCache allocates for one sequence of `tokens` tokens, and the theoretical minimum.
+
+    Built on the meta device through the real class, so the number is the allocator's, not a formula's.
+    """
+    cache = KVCache(config, rows=1, max_len=max(tokens, config.max_position_embeddings),
+                    dtype=dtype, device="meta", block=block)
+    cache.ensure_capacity(tokens)
+    per_token_layer = 2 * config.num_key_value_heads * config.head_dim * torch.tensor([], dtype=dtype).element_size()
+    n_global = sum(not s for s in config.is_sliding)
+    n_local = len(config.is_sliding) - n_global
+    local_tokens = min(tokens, config.sliding_window) if config.sliding_window else tokens
+    minimum = per_token_layer * (n_global * tokens + n_local * local_tokens)
+    full = per_token_layer * config.num_hidden_layers * tokens
+    return {"allocated": cache.nbytes(), "minimum": minimum, "full_cache": full}

@@ -1,0 +1,175 @@
+"""EXAONE 4.0 in PyTorch: token ids (+ positions, + cache) -> logits.
+
+Top-down: norm -> RoPE -> attention -> MLP -> block -> model. Module names equal the
+checkpoint's tensor names, so loading needs no renaming table. QK-Reorder-Norm: no pre-norm;
+RMSNorm on q and k per head before RoPE; post-attention and post-feedforward norms before each
+residual add. Hybrid models: sliding layers use RoPE and a window, global layers no RoPE.
+This module imports only torch, the config and the cache; no sampling, no I/O.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache, sdpa
+from .config import Exaone4Config, llama3_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, scale in the input dtype: the reference's rounding, bit for bit.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """positions (B, C) -> cos, sin (B, 1, C, head_dim), computed in float32 then cast."""
+    freqs = positions[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Exaone4Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.use_rope = config.use_rope[layer_idx]
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        B, C, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, C, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, C, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, C, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            out = cache.attend(self.layer_idx, q, k, v)
+        else:
+            out = sdpa(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, C, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Exaone4Config):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Exaone4Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(x))
+
+
+class Exaone4Model(nn.Module):
+    def __init__(self, config: Exaone4Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Exaone4ForCausalLM(nn.Module):
+    """`model(input_ids)` -> logits (batch, seq, vocab), like transformers' `.logits`.
+
+    Without a cache: full causal attention (sliding window on local layers), optional padding
+    `attention_mask` (1 = token, 0 = pad) and `position_ids`. With a `KVCache`: `position_ids`
+    (B, C) are required, `rows` says which cache rows the batch uses.
+    """
+
+    def __init__(self, config: Exaone4Config):
+        super().__init__()
+        self.config = config
+        self.model = Exaone4Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", llama3_inv_freq(config), persistent=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_rope(self) -> None:
+        """Recompute the RoPE buffer (it is not in the checkpoint; needed after meta-device init)."""
+        self.inv_freq = llama3_inv_freq(self.config).to(self.model.norm.weight.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def make_cache(self, rows: int = 1, max_len: int | None = None, dtype=None, block: int = 256) -> KVCache:
+        """The model declares its own cache layout: only it knows which layers slide."""
+        return KVCache(self.config, rows, max_len, dtype=dtype or self.dtype, device=self.device, block=block)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                rows: slice | None = None, last_only: bool = False) -> torch.Tensor:
+        B, C = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        if position_ids is None:
+            if cache is not None:
+                raise ValueError("position_ids are required with a cache")
+            position_ids = torch.arange(C, device=input_ids.device)[None].expand(B, C)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        masks = {}
+        if cache is not None:
+            cache.begin(rows if rows is not None else slice(0, B), position_ids)
+        else:
+            masks = self._masks(C, attention_mask, input_ids.device)
+        for layer, sliding in zip(self.model.layers, self.config.is_sliding):
+            x = layer(x, cos, sin, masks.get(sliding), cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+    def _masks(self, C: int, attention_mask, device) -> dict[bool, torch.Tensor]:
+        i = torch.arange(C, device=device)
+        causal = i[None, :] <= i[:, None]  # (C, C): query row, key column
+        masks = {False: causal}
+        if self.config.sliding_window is not None:
+            masks[True] = causal & (i[:, None] - i[None, :] < self.config.sliding_window)
+        for k, m in masks.items():
+            m = m[None, None]
+            if attention_mask is not None:
+                # Pad keys are invisible; a pad query still sees itself so no row is empty (no NaN).
+                m = (m & attention_mask.bool()[:, None, None, :]) | torch.eye(C, dtype=torch.bool, device=device)
+            masks[k] = m
+        return masks
