@@ -94,8 +94,9 @@ class Tokenizer:
     """
 
     def __init__(self, backend: _Backend, special_tokens: dict | None = None, chat_template: str | None = None,
-                 model_max_length: int | None = None):
+                 model_max_length: int | None = None, config: dict | None = None):
         self._backend = backend
+        self._config = dict(config or {})  # tokenizer_config.json as read, written back by save_pretrained
         self.chat_template = chat_template
         self.model_max_length = model_max_length
         added = backend.get_added_tokens_decoder()  # id -> AddedToken
@@ -117,6 +118,28 @@ class Tokenizer:
         self.pad_token = special.get("pad_token")
         self.unk_token = special.get("unk_token")
         self.additional_special_tokens = list(special.get("additional_special_tokens") or [])
+
+    def save_pretrained(self, out_dir) -> Path:
+        """Write tokenizer.json and tokenizer_config.json (with the chat template) to out_dir."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(out / "tokenizer.json"))
+        config = dict(self._config)
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            if getattr(self, name) is not None:
+                config[name] = getattr(self, name)
+        if self.additional_special_tokens:
+            config["additional_special_tokens"] = self.additional_special_tokens
+        if self.model_max_length:
+            config["model_max_length"] = self.model_max_length
+        config["added_tokens_decoder"] = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in self.added_tokens_decoder.items()}
+        config["chat_template"] = self.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+        return out
 
     # ---- vocabulary ---------------------------------------------------------------------------
     @property
@@ -323,4 +346,4 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     if template is None:
         template = DEFAULT_CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
     return Tokenizer(backend, special_tokens=special, chat_template=template,
-                     model_max_length=config.get("model_max_length"))
+                     model_max_length=config.get("model_max_length"), config=config)
