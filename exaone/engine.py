@@ -96,6 +96,9 @@ class Engine:
         if think_end_forced_ids is None:
             think_end_forced_ids = tokenizer.encode(THINK_END_FORCED) if tokenizer is not None else self.think_end_ids
         self.think_end_forced_ids = list(think_end_forced_ids)
+        bad = [t for t in self.think_end_ids + self.think_end_forced_ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"end-of-thinking ids must be in [0, {cfg.vocab_size}), got {bad}")
         self.cache = model.make_cache(rows=max_batch, max_len=self.max_len)
         self.device = model.device
 
@@ -133,7 +136,8 @@ class Engine:
             raise ValueError("thinking_budget needs the end-of-thinking token ids (a tokenizer or think_end_ids)")
         rid = request_id or uuid.uuid4().hex
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        handle = RequestHandle(rid, params.n, len(prompt), self._cancel, self._pump)
+        handle = RequestHandle(rid, params.n, len(prompt), self._cancel, self._pump,
+                               lambda: self._thread is not None)
         req = _Request(rid, prompt, params, handle, stop_ids)
         req.seqs = [_Seq(req, i, self._decode) for i in range(params.n)]
         with self._mutex:
@@ -215,11 +219,12 @@ class Engine:
             except Exception:  # the failed requests got "error" records; keep serving the rest
                 log.exception("engine step failed")
 
-    def _pump(self) -> bool:
+    def _pump(self, handle: RequestHandle) -> bool:
         """A handle's consumer with no worker running drives the engine itself."""
         if self._thread is not None:
             return False
-        if not self.step():
+        # Another consumer's step may have fed this handle's last records meanwhile.
+        if not self.step() and not handle._has_items():
             raise RuntimeError("the engine has no work left but the stream has not ended")
         return True
 

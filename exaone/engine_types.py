@@ -73,9 +73,10 @@ class RequestHandle:
     """The stream of one request's `Output`s (all n sequences, told apart by `index`)."""
 
     def __init__(self, request_id: str, n: int, prompt_tokens: int,
-                 cancel_fn: Callable[[str], None], pump_fn: Callable[[], bool]):
+                 cancel_fn: Callable[[str], None], pump_fn: Callable[["RequestHandle"], bool],
+                 threaded_fn: Callable[[], bool]):
         self.request_id, self.n, self.prompt_tokens = request_id, n, prompt_tokens
-        self._cancel_fn, self._pump = cancel_fn, pump_fn
+        self._cancel_fn, self._pump, self._threaded = cancel_fn, pump_fn, threaded_fn
         self._items: deque = deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
@@ -132,7 +133,7 @@ class RequestHandle:
                 continue
             # No worker thread: drive the engine ourselves (outside our lock, so another
             # consumer's handle can be fed meanwhile); with a worker, wait for it.
-            if not self._pump():
+            if not self._pump(self):
                 with self._cond:
                     self._cond.wait_for(lambda: bool(self._items))
 
@@ -151,7 +152,14 @@ class RequestHandle:
             if item is not None:
                 yield item
                 continue
-            await fut
+            if self._threaded():
+                await fut
+            else:  # no worker: step the engine in an executor thread, never in the event loop
+                await loop.run_in_executor(None, self._pump, self)
+
+    def _has_items(self) -> bool:
+        with self._cond:
+            return bool(self._items)
 
     def outputs(self) -> list[Output]:
         """Every record to the end of the stream (drives the engine when no worker runs)."""

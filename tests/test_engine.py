@@ -279,3 +279,28 @@ def test_background_worker_threads_and_asyncio(hybrid):
         assert engine.stats().steps == steps
     finally:
         engine.stop()
+
+
+def test_async_iteration_without_worker_steps_in_executor(hybrid):
+    prompt = _prompt(6, 8)
+    engine = Engine(hybrid)
+
+    async def main():
+        return [o async for o in engine.submit(prompt, greedy(5, ignore_eos=True))]
+
+    assert _tokens(asyncio.run(main())) == generate_reference(hybrid, prompt, 5)
+
+
+def test_failed_step_ends_requests_with_error(hybrid):
+    engine = Engine(hybrid)
+    h = engine.submit(_prompt(6, 8), greedy(5))
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    engine.model = boom
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.step()
+    outs = h.outputs()
+    assert [(o.finish_reason, o.error) for o in outs] == [("error", "RuntimeError: boom")]
+    assert engine.stats().free_slots == engine.max_batch
