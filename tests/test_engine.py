@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -155,8 +156,8 @@ def test_thinking_budget_forces_end_of_thinking(hybrid, budget):
     engine = Engine(hybrid, max_batch=4, think_end_ids=THINK_END, think_end_forced_ids=FORCED)
     p = greedy(15, ignore_eos=True, enable_thinking=True, thinking_budget=budget)
     h = engine.submit(_prompt(9, 1), p)
-    h2 = engine.submit(_prompt(9, 2), dataclass_replace(p, n=2))   # the n > 1 path
-    free = engine.submit(_prompt(9, 1), dataclass_replace(p, thinking_budget=None))
+    h2 = engine.submit(_prompt(9, 2), dataclasses.replace(p, n=2))   # the n > 1 path
+    free = engine.submit(_prompt(9, 1), dataclasses.replace(p, thinking_budget=None))
     _drain(engine)
     o2 = h2.outputs()
     for outs in (h.outputs(), [o for o in o2 if o.index == 0], [o for o in o2 if o.index == 1]):
@@ -170,11 +171,6 @@ def test_thinking_budget_forces_end_of_thinking(hybrid, budget):
         assert last.finish_reason == "length"
     outs = free.outputs()
     assert not any(o.forced for o in outs) and outs[-1].reasoning_tokens == 15
-
-
-def dataclass_replace(p, **kw):
-    import dataclasses
-    return dataclasses.replace(p, **kw)
 
 
 def test_model_closing_thinking_itself_is_not_forced(hybrid):
