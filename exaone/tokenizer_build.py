@@ -69,14 +69,15 @@ DEFAULT_CORPUS = [_EN, _KO, _ES, _CODE]
 
 
 def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 2048,
-                    out_dir: str | os.PathLike | None = None):
+                    out_dir: str | os.PathLike | None = None, individual_digits: bool = False):
     """Train the tokenizer on `texts` (default: the built-in corpus) and return an `exaone.Tokenizer`.
 
-    With `out_dir`, also write an HF checkpoint folder there.
+    With `out_dir`, also write an HF checkpoint folder there. `individual_digits=True` splits every
+    digit into its own token (small models learn arithmetic digit by digit).
     """
     from .tokenizer import Tokenizer  # local import: tokenizer.py imports this module's constants
 
-    backend = train_backend(texts, vocab_size)
+    backend = train_backend(texts, vocab_size, individual_digits=individual_digits)
     chat_template = CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
     if out_dir is not None:
         save_checkpoint(backend, out_dir, chat_template)
@@ -84,11 +85,16 @@ def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 2048,
                      model_max_length=MODEL_MAX_LENGTH)
 
 
-def train_backend(texts: Iterable[str] | None = None, vocab_size: int = 2048) -> Tokenizer:
+def train_backend(texts: Iterable[str] | None = None, vocab_size: int = 2048,
+                  individual_digits: bool = False) -> Tokenizer:
     """Train and return the raw `tokenizers.Tokenizer` (added tokens at ids 0..16)."""
     texts = list(DEFAULT_CORPUS if texts is None else texts)
     backend = Tokenizer(models.BPE())  # no unk_token: the byte alphabet covers every input
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if individual_digits:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
