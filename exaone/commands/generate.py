@@ -1,11 +1,10 @@
-"""`exaone generate`: one prompt in, streamed text out.
+"""`exaone generate`: one prompt in, streamed text out, through the engine.
 
 The prompt goes through the checkpoint's chat template (non-reasoning unless --think) unless
---raw. Thin wrapper over the public API; no generation logic of its own.
+--raw. Reasoning is shown dimmed, then the answer. Thin wrapper over the public API.
 """
 from __future__ import annotations
 
-import sys
 import time
 
 
@@ -15,21 +14,47 @@ def add_model_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
 
 
+def add_sampling_arguments(p) -> None:
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--think", action="store_true", help="reasoning mode (enable_thinking=True)")
+    p.add_argument("--thinking-budget", type=int, default=None, metavar="N",
+                   help="at most N reasoning tokens, then the answer is forced")
+
+
+def sampling_params(args, **overrides):
+    from exaone.sampling import SamplingParams
+
+    kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+              min_p=args.min_p, presence_penalty=args.presence_penalty, seed=args.seed,
+              enable_thinking=args.think, thinking_budget=args.thinking_budget)
+    kw.update(overrides)
+    return SamplingParams(**kw)
+
+
 def add_arguments(p) -> None:
     p.add_argument("prompt", help="the user message (or raw text with --raw)")
     add_model_arguments(p)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--think", action="store_true", help="reasoning mode (enable_thinking=True)")
+    add_sampling_arguments(p)
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     p.add_argument("--system", default=None, help="system prompt")
 
 
 def run(args) -> int:
-    import exaone
-    from exaone.generate import generate_stream
+    from rich.console import Console
 
+    import exaone
+    from exaone.engine import Engine
+    from exaone.reasoning import ReasoningParser
+
+    from .chat import Printer
+
+    console = Console(highlight=False)
     model = exaone.load(args.model, dtype=args.dtype, device=args.device)
     tok = exaone.load_tokenizer(args.model)
     if args.raw:
@@ -38,21 +63,21 @@ def run(args) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.prompt})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=args.think)
-    stop = [] if args.raw else model.config.eos_token_ids + [tok.eos_token_id]
-    out: list[int] = []
-    printed = ""
-    t0 = time.perf_counter()
-    for t in generate_stream(model, ids, max_tokens=args.max_tokens, temperature=args.temperature,
-                             seed=args.seed, stop_ids=stop):
-        if t in stop:
-            break
-        out.append(t)
-        text = tok.decode(out)
-        if not text.endswith("\ufffd"):  # never print half a UTF-8 character
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
+    params = sampling_params(args, ignore_eos=args.raw)
+    engine = Engine(model, tokenizer=tok, max_batch=1)
+    parser = ReasoningParser(enable_thinking=args.think and not args.raw)
+    show = Printer(console)
+    t0, last = time.perf_counter(), None
+    for out in engine.submit(ids, params):
+        last = out
+        for ev in parser.feed(out.text):
+            show(ev)
+    for ev in parser.finish():
+        show(ev)
     dt = time.perf_counter() - t0
-    sys.stdout.write(tok.decode(out)[len(printed):] + "\n")
-    print(f"[{len(ids)} prompt tokens, {len(out)} generated, {len(out) / dt:.1f} tokens/s]", file=sys.stderr)
+    console.print()
+    if last is not None:
+        Console(stderr=True, highlight=False).print(f"[dim][{len(ids)} prompt tokens, {last.completion_tokens} generated "
+                      f"({last.reasoning_tokens} reasoning), {last.completion_tokens / max(dt, 1e-9):.1f} tokens/s, "
+                      f"finish: {last.finish_reason}][/dim]")
     return 0
