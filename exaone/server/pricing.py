@@ -111,6 +111,8 @@ class Pricing:
     @classmethod
     def from_file(cls, path: str | Path) -> "Pricing":
         path = Path(path)
+        if path.suffix.lower() not in (".json", ".toml"):
+            raise ValueError(f"{path}: pricing files are .json or .toml")
         text = path.read_text(encoding="utf-8")  # FileNotFoundError names the path
         if path.suffix.lower() == ".toml":
             try:
@@ -118,10 +120,8 @@ class Pricing:
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
             data = tomllib.loads(text, parse_float=Decimal)
-        elif path.suffix.lower() == ".json":
-            data = json.loads(text, parse_float=Decimal)
         else:
-            raise ValueError(f"{path}: pricing files are .json or .toml")
+            data = json.loads(text, parse_float=Decimal)
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:
