@@ -1,0 +1,53 @@
+"""`exaone serve`: the OpenAI-compatible API (with the playground at /) over one local model.
+
+Keys live in the ledger (`exaone keys create NAME`); without keys the server refuses to start
+unless `--no-auth` says that serving everyone is meant.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, metavar="DIR", help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--name", default=None, help="model id clients send (default: the checkpoint folder's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", default=None, metavar="URL",
+                   help="ledger database URL (default: $EXAONE_DB_URL, else sqlite:///exaone.db in the current directory)")
+    p.add_argument("--no-auth", action="store_true", help="serve without API keys (usage is still recorded)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="sequences decoded together")
+    p.add_argument("--max-len", type=int, default=None, metavar="N", help="context length (default: the model's)")
+    p.add_argument("--prices", default=None, metavar="FILE", help="prices per model, .json or .toml (see pricing.py)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (as stored)")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--log-level", default="info")
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .backend import LocalBackend
+    from .ledger import Ledger
+    from .limits import Limiter
+    from .pricing import Pricing
+
+    pricing = Pricing.from_file(args.prices) if args.prices else Pricing()
+    ledger = Ledger(args.db, pricing=pricing)
+    if not args.no_auth and not ledger.list_keys(include_revoked=False):
+        print(f"exaone serve: no API keys in {ledger.display_url}. Create one with\n"
+              f"    exaone keys create NAME{'' if args.db is None else ' --db ' + args.db}\n"
+              f"or serve without keys with --no-auth.", file=sys.stderr)
+        return 2
+    backend = LocalBackend(args.model, dtype=args.dtype, max_batch=args.max_batch, device=args.device,
+                           max_len=args.max_len, name=args.name).start()
+    app = create_app(backend, ledger=ledger, no_auth=args.no_auth, limiter=Limiter(ledger))
+    print(f"exaone serve: {backend.model_name} on http://{args.host}:{args.port}  (playground at /, "
+          f"ledger {ledger.display_url}{', no auth' if args.no_auth else ''})", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        backend.stop()
+        ledger.close()
+    return 0
