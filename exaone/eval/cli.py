@@ -1,0 +1,120 @@
+"""`exaone eval`: benchmark a model (in-process or an OpenAI-compatible endpoint) in reasoning
+and non-reasoning mode; resumable; per-item JSONL logs; results.json, results.md, results.png.
+
+    exaone eval --tasks ifeval,humaneval,aime --mode both --limit 50 --out runs/eval
+    exaone eval --endpoint http://host:8000/v1 --api-key K --tasks mmlu_redux --data-dir ~/bench
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_TASKS = "nano,ifeval,humaneval,mmath_en,mmath_ko"
+
+
+def add_arguments(p) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
+    src.add_argument("--endpoint", default=None, metavar="URL", help="OpenAI-compatible base URL (…/v1)")
+    p.add_argument("--api-key", default=None, help="bearer token for --endpoint (or $EXAONE_API_KEY)")
+    p.add_argument("--served-model", default=None, metavar="NAME", help="model name at the endpoint "
+                   "(default: the first of GET /v1/models)")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated (default: {DEFAULT_TASKS}); "
+                   "--list-tasks shows all")
+    p.add_argument("--mode", choices=["reasoning", "non-reasoning", "both"], default="both")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task")
+    p.add_argument("--concurrency", type=int, default=8, metavar="K", help="requests in flight (= engine batch)")
+    p.add_argument("--out", default="runs/eval", metavar="DIR", help="results, logs and the resume cache")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="local benchmark files, one folder per task (default: $EXAONE_EVAL_DATA)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="generation limit (default: per task)")
+    p.add_argument("--thinking-budget", type=int, default=None, metavar="N",
+                   help="reasoning mode: at most N reasoning tokens, then the answer is forced")
+    p.add_argument("--dtype", default="auto", help="in-process model dtype: float32, bfloat16 or auto")
+    p.add_argument("--device", default=None, help="in-process device: cpu (default) or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    p.add_argument("--list-tasks", action="store_true", help="list the tasks and where their data comes from")
+
+
+def list_tasks() -> str:
+    from .tasks import TASKS
+
+    w = max(len(n) for n in TASKS)
+    return "\n".join(f"{n:<{w}}  {t.kind:<9} {t.title:<20} {t.source}" for n, t in TASKS.items())
+
+
+def run(args) -> int:
+    import datetime
+    import os
+
+    import exaone
+
+    from .report import write_report
+    from .runner import EndpointClient, LocalClient, MODES, Settings, aggregate, project_commit, run_eval
+    from .sandbox import network_isolation
+    from .tasks import data_dir_default, get_tasks
+
+    if args.list_tasks:
+        print(list_tasks())
+        return 0
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    modes = list(MODES) if args.mode == "both" else [args.mode]
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else data_dir_default()
+    tasks = get_tasks(args.tasks)
+    loaded = []
+    for t in tasks:
+        items = t.load(data_dir, args.limit)
+        if not items:
+            raise ValueError(f"{t.name}: no items")
+        loaded.append((t, items))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    if args.endpoint:
+        client = EndpointClient(args.endpoint, api_key=args.api_key or os.environ.get("EXAONE_API_KEY"),
+                                served_model=args.served_model)
+        kind = "endpoint"
+    else:
+        client = LocalClient(args.model, concurrency=args.concurrency,
+                             dtype=None if args.dtype == "auto" else args.dtype, device=args.device)
+        kind = "in-process"
+    load_s = time.perf_counter() - t0
+    settings = Settings(max_tokens=args.max_tokens, thinking_budget=args.thinking_budget)
+    try:
+        res = run_eval(client, loaded, modes, out, settings, concurrency=args.concurrency,
+                       progress=not args.no_progress and sys.stderr.isatty())
+    finally:
+        client.close()
+
+    per_task = {}
+    for t, items in loaded:
+        per_task[t.name] = {m: aggregate(t, list(res["records"][(t.name, m)].values()), len(items)) for m in modes}
+        for m in modes:
+            per_task[t.name][m]["wall_seconds"] = res["runs"][m]["task_wall"].get(t.name)
+            per_task[t.name][m]["max_tokens"] = settings.tokens_for(t, m)
+    results = {
+        "model": client.name, "client": kind, "modes_run": modes,
+        "commit": project_commit(), "version": exaone.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"temperature": settings.temperature, "max_tokens": settings.max_tokens,
+                     "thinking_budget": settings.thinking_budget, "concurrency": args.concurrency,
+                     "limit": args.limit, "data_dir": str(data_dir) if data_dir else None,
+                     "dtype": args.dtype, "device": args.device,
+                     "sandbox_network_isolation": " ".join(network_isolation()) or "socket guard only"},
+        "load_seconds": round(load_s, 3), "runs": res["runs"], "tasks": per_task,
+    }
+    paths = write_report(results, out, chart=not args.no_chart)
+    print(paths["markdown"].read_text(encoding="utf-8"))
+    errors = sum(r["errors"] for r in res["runs"].values())
+    if errors:
+        print(f"{errors} request(s) failed (see {out / 'errors.jsonl'}); rerun to retry them", file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return 1 if errors else 0

@@ -1,0 +1,340 @@
+"""Run tasks against a model: clients, concurrency, the resume cache, per-item logs, aggregates.
+
+Two clients with one method, `complete(prompt, enable_thinking, max_tokens, thinking_budget)`:
+- `LocalClient`: the public API as an outside user would (`exaone.load`, `Engine`,
+  `SamplingParams`); one engine with a worker thread, so concurrent requests are batched.
+- `EndpointClient`: any OpenAI-compatible server (this project's, vLLM, ...), over httpx:
+  `chat_template_kwargs.enable_thinking`, `message.reasoning_content` (or `reasoning`) and
+  `usage.completion_tokens_details.reasoning_tokens`.
+
+Generation runs in a thread pool of `concurrency`; scoring runs in the calling (main) thread,
+which math-verify's signal-based timeouts need. Every scored item is appended at once to
+`OUT/items/<task>.<mode>.jsonl`; that log is also the cache: an item whose key (task, item,
+mode, prompt, model, settings) is already there is not generated again. Failed requests go to
+`OUT/errors.jsonl` and are retried by the next run. This module must not import the server.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .tasks import Item, Task
+
+MODES = {"reasoning": True, "non-reasoning": False}
+
+
+@dataclass
+class Completion:
+    text: str                    # everything generated (reasoning block included)
+    reasoning: str | None
+    content: str
+    completion_tokens: int
+    reasoning_tokens: int
+    finish_reason: str | None
+    seconds: float
+
+
+# ---- clients -----------------------------------------------------------------------------------
+class LocalClient:
+    def __init__(self, model: str | None = None, concurrency: int = 8, dtype: str | None = None,
+                 device: str | None = None):
+        import exaone
+        from exaone.engine import Engine
+
+        self.model = exaone.load(model, dtype=dtype, device=device)
+        self.tokenizer = exaone.load_tokenizer(model)
+        self.engine = Engine(self.model, tokenizer=self.tokenizer, max_batch=max(1, concurrency)).start()
+        if model is None:
+            from exaone.loader import default_model_path
+            model = default_model_path()
+        self.name = str(Path(model).resolve())
+        self.max_len = self.engine.max_len
+
+    def complete(self, prompt: str, enable_thinking: bool, max_tokens: int, thinking_budget: int | None) -> Completion:
+        from exaone.reasoning import parse
+        from exaone.sampling import SamplingParams
+
+        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 enable_thinking=enable_thinking)
+        # Leave room in the context: the engine stops at max_len anyway, but the prompt must fit.
+        room = self.max_len - len(ids)
+        if room < 1:
+            from exaone.engine_types import ContextLengthError
+            raise ContextLengthError(len(ids), self.max_len)
+        params = SamplingParams(max_tokens=max(1, min(max_tokens, room)), temperature=0.0,
+                                enable_thinking=enable_thinking,
+                                thinking_budget=thinking_budget if enable_thinking else None)
+        t0 = time.perf_counter()
+        parts, last = [], None
+        for out in self.engine.submit(ids, params):
+            parts.append(out.text)
+            last = out
+        if last is not None and last.finish_reason == "error":
+            raise RuntimeError(f"generation failed: {last.error}")
+        text = "".join(parts)
+        p = parse(text, enable_thinking)
+        return Completion(text, p.reasoning, p.content, last.completion_tokens if last else 0,
+                          last.reasoning_tokens if last else 0, last.finish_reason if last else None,
+                          time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+class EndpointClient:
+    RETRIES = 4
+
+    def __init__(self, url: str, api_key: str | None = None, served_model: str | None = None,
+                 timeout: float = 3600.0, extra_body: dict | None = None):
+        import httpx
+
+        url = url.rstrip("/")
+        if url.endswith("/chat/completions"):
+            url = url[: -len("/chat/completions")]
+        if not url.endswith("/v1"):
+            url += "/v1"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+        self.extra_body = extra_body or {}
+        if served_model is None:
+            r = self.http.get("/models")
+            r.raise_for_status()
+            data = r.json().get("data") or []
+            if not data:
+                raise ValueError(f"{url}/models lists no model; pass --served-model")
+            served_model = data[0]["id"]
+        self.served_model = served_model
+        self.name = f"{url}#{served_model}"
+
+    def complete(self, prompt: str, enable_thinking: bool, max_tokens: int, thinking_budget: int | None) -> Completion:
+        import httpx
+
+        from exaone.reasoning import parse
+
+        body = {"model": self.served_model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens, "temperature": 0.0,
+                "chat_template_kwargs": {"enable_thinking": enable_thinking}, **self.extra_body}
+        if enable_thinking and thinking_budget is not None:
+            body["thinking_budget"] = thinking_budget
+        t0 = time.perf_counter()
+        for attempt in range(self.RETRIES + 1):
+            try:
+                r = self.http.post("/chat/completions", json=body)
+                if r.status_code in (429, 500, 502, 503, 504) and attempt < self.RETRIES:
+                    time.sleep(min(30.0, 2.0 ** attempt))
+                    continue
+                r.raise_for_status()
+                break
+            except (httpx.TransportError, httpx.TimeoutException):
+                if attempt >= self.RETRIES:
+                    raise
+                time.sleep(min(30.0, 2.0 ** attempt))
+        data = r.json()
+        choice = data["choices"][0]
+        msg = choice.get("message") or {}
+        content = msg.get("content") or ""
+        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+        if reasoning is None and "</think>" in content:  # a server without a reasoning parser
+            p = parse(content, True)
+            reasoning, content = p.reasoning, p.content
+        usage = data.get("usage") or {}
+        details = usage.get("completion_tokens_details") or {}
+        text = (f"<think>\n{reasoning}\n</think>\n\n" if reasoning else "") + content
+        return Completion(text, reasoning, content, int(usage.get("completion_tokens") or 0),
+                          int(details.get("reasoning_tokens") or 0), choice.get("finish_reason"),
+                          time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+# ---- provenance --------------------------------------------------------------------------------
+def project_commit() -> str:
+    """`git rev-parse HEAD` of the checkout this package runs from (+ "-dirty"), else the version."""
+    import subprocess
+
+    import exaone
+
+    here = Path(exaone.__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if sha.returncode == 0:
+            dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here, timeout=30).returncode
+            return sha.stdout.strip() + ("-dirty" if dirty == 1 else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"exaone=={exaone.__version__}"
+
+
+# ---- the run -----------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    max_tokens: int | None = None          # None: each task's default per mode
+    thinking_budget: int | None = None
+    temperature: float = 0.0
+
+    def tokens_for(self, task: Task, mode: str) -> int:
+        return self.max_tokens or task.max_tokens[mode]
+
+
+def item_key(model: str, task: Task, item: Item, mode: str, max_tokens: int, settings: Settings) -> str:
+    blob = json.dumps([model, task.name, item.id, mode, hashlib.sha256(item.prompt.encode()).hexdigest(),
+                       max_tokens, settings.thinking_budget if mode == "reasoning" else None,
+                       settings.temperature], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for ln in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(ln))
+        except ValueError:  # a line cut short by a crash: that item is simply redone
+            continue
+    return out
+
+
+@dataclass
+class ModeRun:
+    wall_seconds: float = 0.0
+    generated: int = 0
+    cached: int = 0
+    errors: int = 0
+    task_wall: dict = field(default_factory=dict)
+
+
+def run_eval(client, tasks: list[tuple[Task, list[Item]]], modes: list[str], out_dir: Path, settings: Settings,
+             concurrency: int = 8, progress: bool = True) -> dict:
+    """Generate and score every (mode, task, item) not in the cache; returns per-mode run stats
+    and the records of the requested items (cached + new), keyed by (task, mode)."""
+    out_dir = Path(out_dir)
+    (out_dir / "items").mkdir(parents=True, exist_ok=True)
+    lock = threading.Lock()
+    records: dict[tuple[str, str], dict[str, dict]] = {}
+    runs: dict[str, ModeRun] = {}
+    for mode in modes:
+        run = runs[mode] = ModeRun()
+        jobs = []
+        for task, items in tasks:
+            path = out_dir / "items" / f"{task.name}.{mode}.jsonl"
+            done = {r["key"]: r for r in read_jsonl(path) if "key" in r}
+            mt = settings.tokens_for(task, mode)
+            recs = records[(task.name, mode)] = {}
+            for item in items:
+                key = item_key(client.name, task, item, mode, mt, settings)
+                if key in done:
+                    recs[key] = done[key]
+                    run.cached += 1
+                else:
+                    jobs.append((task, item, key, mt, path))
+        t0 = time.perf_counter()
+        with _progress(progress, f"{mode}", len(jobs)) as bar, \
+                ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="exaone-eval") as pool:
+            futs = {}
+            for task, item, key, mt, path in jobs:
+                fut = pool.submit(_timed, client.complete, item.prompt, MODES[mode], mt,
+                                  settings.thinking_budget if mode == "reasoning" else None)
+                futs[fut] = (task, item, key, mt, path)
+            for fut in as_completed(futs):
+                task, item, key, mt, path = futs[fut]
+                started, ended, comp, err = fut.result()
+                tw = run.task_wall.setdefault(task.name, [started, ended])
+                tw[0], tw[1] = min(tw[0], started), max(tw[1], ended)
+                if err is not None:
+                    run.errors += 1
+                    _append(out_dir / "errors.jsonl", {"task": task.name, "id": item.id, "mode": mode,
+                                                       "error": err, "time": time.time()}, lock)
+                else:
+                    rec = _score(task, item, mode, key, mt, comp)
+                    _append(path, rec, lock)
+                    records[(task.name, mode)][key] = rec
+                    run.generated += 1
+                bar(task.name)
+        run.wall_seconds = time.perf_counter() - t0
+        run.task_wall = {k: v[1] - v[0] for k, v in run.task_wall.items()}
+    return {"runs": {m: asdict(r) for m, r in runs.items()}, "records": records}
+
+
+def _timed(fn, *args):
+    started = time.perf_counter()
+    try:
+        return started, time.perf_counter(), fn(*args), None
+    except Exception as e:  # noqa: BLE001 - one failed request must not end the run
+        return started, time.perf_counter(), None, f"{type(e).__name__}: {e}"
+    finally:
+        pass
+
+
+def _score(task: Task, item: Item, mode: str, key: str, max_tokens: int, comp: Completion) -> dict:
+    t0 = time.perf_counter()
+    try:
+        extracted, score, details = task.score(item, comp.content)
+    except Exception as e:  # noqa: BLE001 - a scorer bug scores 0 and is logged, not fatal
+        extracted, score, details = None, 0.0, {"scorer_error": f"{type(e).__name__}: {e}"}
+    return {"key": key, "task": task.name, "id": item.id, "mode": mode, "prompt": item.prompt,
+            "output": comp.text, "reasoning": comp.reasoning, "content": comp.content,
+            "extracted": extracted, "score": score, "details": details,
+            "completion_tokens": comp.completion_tokens, "reasoning_tokens": comp.reasoning_tokens,
+            "finish_reason": comp.finish_reason, "max_tokens": max_tokens, "seconds": round(comp.seconds, 4),
+            "score_seconds": round(time.perf_counter() - t0, 4), "time": time.time()}
+
+
+def _append(path: Path, rec: dict, lock: threading.Lock) -> None:
+    line = json.dumps(rec, ensure_ascii=False, default=str) + "\n"
+    with lock, open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _progress:
+    """A rich progress bar (stderr) that advances by one per finished item; silent when disabled."""
+
+    def __init__(self, enabled: bool, label: str, total: int):
+        self.enabled, self.label, self.total = enabled and total > 0, label, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda desc=None: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+        self.p.__enter__()
+        self.t = self.p.add_task(self.label, total=self.total)
+        return lambda desc=None: self.p.update(self.t, advance=1,
+                                               description=f"{self.label} {desc}" if desc else self.label)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.__exit__(*exc)
+        return False
+
+
+# ---- aggregates --------------------------------------------------------------------------------
+def aggregate(task: Task, recs: list[dict], n_items: int) -> dict:
+    n = len(recs)
+    mean = lambda xs: (sum(xs) / len(xs)) if xs else None
+    out = {"title": task.title, "kind": task.kind, "metric": task.metric, "n": n, "n_items": n_items,
+           "score": None if not n else 100.0 * sum(r["score"] for r in recs) / n,
+           "avg_completion_tokens": mean([r["completion_tokens"] for r in recs]),
+           "avg_reasoning_tokens": mean([r["reasoning_tokens"] for r in recs]),
+           "avg_seconds": mean([r["seconds"] for r in recs]),
+           "truncated": sum(1 for r in recs if r.get("finish_reason") == "length")}
+    if task.kind == "ifeval" and n:
+        d = [r["details"] for r in recs if isinstance(r.get("details"), dict) and "strict" in r["details"]]
+        inst = lambda k: 100.0 * sum(sum(x[k]) for x in d) / max(1, sum(len(x[k]) for x in d))
+        out.update(prompt_strict=100.0 * sum(x["prompt_strict"] for x in d) / n,
+                   prompt_loose=100.0 * sum(x["prompt_loose"] for x in d) / n,
+                   inst_strict=inst("strict"), inst_loose=inst("loose"))
+    return out
