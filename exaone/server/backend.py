@@ -227,9 +227,9 @@ class LocalBackend:
         rc = reasoning_control(req)
         kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in RESERVED_TEMPLATE_KWARGS}
         kwargs["enable_thinking"] = rc.enable_thinking
-        tools = _tools(req)
+        tools, messages = _tools(req), _messages(req)
         try:
-            ids = self.tokenizer.apply_chat_template(_messages(req), tools=tools, add_generation_prompt=True,
+            ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                      **kwargs)
         except (ValueError, TypeError) as e:  # e.g. a template's raise_exception
             raise RequestError(f"messages could not be rendered: {e}", "messages") from None
