@@ -91,7 +91,7 @@ class EndpointClient:
     RETRIES = 4
 
     def __init__(self, url: str, api_key: str | None = None, served_model: str | None = None,
-                 timeout: float = 3600.0, extra_body: dict | None = None):
+                 timeout: float = 3600.0, extra_body: dict | None = None, transport=None):
         import httpx
 
         url = url.rstrip("/")
@@ -100,7 +100,7 @@ class EndpointClient:
         if not url.endswith("/v1"):
             url += "/v1"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout, transport=transport)
         self.extra_body = extra_body or {}
         if served_model is None:
             r = self.http.get("/models")
@@ -266,11 +266,10 @@ def run_eval(client, tasks: list[tuple[Task, list[Item]]], modes: list[str], out
 def _timed(fn, *args):
     started = time.perf_counter()
     try:
-        return started, time.perf_counter(), fn(*args), None
+        result = fn(*args)
+        return started, time.perf_counter(), result, None
     except Exception as e:  # noqa: BLE001 - one failed request must not end the run
         return started, time.perf_counter(), None, f"{type(e).__name__}: {e}"
-    finally:
-        pass
 
 
 def _score(task: Task, item: Item, mode: str, key: str, max_tokens: int, comp: Completion) -> dict:
