@@ -1,5 +1,6 @@
 """Ledger databases for the metering tests: SQLite always, PostgreSQL when EXAONE_TEST_PG_URL is
-set (`.ci/postgres.sh` starts one and prints the URL). Each test gets empty tables."""
+set (`.ci/postgres.sh` starts one and prints the URL). Each test gets empty tables: the
+PostgreSQL tests DROP the ledger tables of that database, so point it at a throwaway one."""
 from __future__ import annotations
 
 import os

@@ -3,7 +3,9 @@
 SQLite file by default (`exaone.db` in the working directory, or `$EXAONE_DB_URL`), PostgreSQL
 by URL (`postgresql+psycopg://user:pass@host/db`). Every request's usage is written in one
 transaction, idempotent on its `request_id`. Money is exact: `Decimal` in Python, NUMERIC in
-PostgreSQL, an integer count of 1e-12 USD in SQLite (whose NUMERIC would round through floats).
+PostgreSQL, an integer count of 1e-12 USD in SQLite (whose NUMERIC would round through floats;
+64-bit integers then cap one SQL sum at about $9.2 million, and SQLite reports an overflow rather
+than round: past that, use PostgreSQL).
 
 What crosses the API are frozen dataclasses (`ApiKey`, `UsageRecord`, `UsageRow`), never ORM
 objects, so results can be handed between threads. This module never sees HTTP or tensors.
