@@ -122,8 +122,8 @@ def test_endpoint_client_and_runner(tmp_path, monkeypatch):
     r = next(iter(recs.values()))
     assert r["reasoning"].startswith("A? no") and r["reasoning_tokens"] == 9 and r["completion_tokens"] == 12
     sent = [b for b in fake.bodies if b["chat_template_kwargs"]["enable_thinking"]]
-    assert sent and all(b["thinking_budget"] == 64 and b["temperature"] == 0.0 for b in sent)
-    assert all("thinking_budget" not in b for b in fake.bodies if not b["chat_template_kwargs"]["enable_thinking"])
+    assert sent and all(b["thinking_token_budget"] == 64 and b["temperature"] == 0.0 for b in sent)
+    assert all("thinking_token_budget" not in b for b in fake.bodies if not b["chat_template_kwargs"]["enable_thinking"])
     assert res["runs"]["reasoning"]["errors"] == 0
 
 

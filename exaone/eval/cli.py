@@ -33,6 +33,8 @@ def add_arguments(p) -> None:
                    help="reasoning mode: at most N reasoning tokens, then the answer is forced")
     p.add_argument("--dtype", default="auto", help="in-process model dtype: float32, bfloat16 or auto")
     p.add_argument("--device", default=None, help="in-process device: cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="in-process: torch intra-op threads (1 is often fastest for tiny models on small CPUs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     p.add_argument("--list-tasks", action="store_true", help="list the tasks and where their data comes from")
@@ -83,6 +85,9 @@ def run(args) -> int:
                                 served_model=args.served_model)
         kind = "endpoint"
     else:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
         client = LocalClient(args.model, concurrency=args.concurrency,
                              dtype=None if args.dtype == "auto" else args.dtype, device=args.device)
         kind = "in-process"
@@ -107,7 +112,7 @@ def run(args) -> int:
         "settings": {"temperature": settings.temperature, "max_tokens": settings.max_tokens,
                      "thinking_budget": settings.thinking_budget, "concurrency": args.concurrency,
                      "limit": args.limit, "data_dir": str(data_dir) if data_dir else None,
-                     "dtype": args.dtype, "device": args.device,
+                     "dtype": args.dtype, "device": args.device, "threads": args.threads,
                      "sandbox_network_isolation": " ".join(network_isolation()) or "socket guard only"},
         "load_seconds": round(load_s, 3), "runs": res["runs"], "tasks": per_task,
     }

@@ -63,6 +63,9 @@ def markdown(results: dict) -> str:
            str(results["runs"].get(m, {}).get("generated", 0) + results["runs"].get(m, {}).get("cached", 0))
            for m in modes]
     lines.append("| *items generated this run / total* | " + " | ".join(gen) + " |")
+    errs = [results["runs"].get(m, {}).get("errors", 0) for m in modes]
+    if any(errs):
+        lines.append("| *failed requests (retried on rerun)* | " + " | ".join(map(str, errs)) + " |")
     lines.append("")
     ife = [(m, pm[m]) for pm in tasks.values() for m in modes if m in pm and "prompt_loose" in pm[m]]
     if ife:

@@ -5,7 +5,8 @@ Two clients with one method, `complete(prompt, enable_thinking, max_tokens, thin
   `SamplingParams`); one engine with a worker thread, so concurrent requests are batched.
 - `EndpointClient`: any OpenAI-compatible server (this project's, vLLM, ...), over httpx:
   `chat_template_kwargs.enable_thinking`, `message.reasoning_content` (or `reasoning`) and
-  `usage.completion_tokens_details.reasoning_tokens`.
+  `usage.completion_tokens_details.reasoning_tokens`; the thinking budget is sent as vLLM's
+  `thinking_token_budget`.
 
 Generation runs in a thread pool of `concurrency`; scoring runs in the calling (main) thread,
 which math-verify's signal-based timeouts need. Every scored item is appended at once to
@@ -64,9 +65,8 @@ class LocalClient:
                                                  enable_thinking=enable_thinking)
         # Leave room in the context: the engine stops at max_len anyway, but the prompt must fit.
         room = self.max_len - len(ids)
-        if room < 1:
-            from exaone.engine_types import ContextLengthError
-            raise ContextLengthError(len(ids), self.max_len)
+        if room < 1:  # deterministic, so a scored (0) and cached outcome rather than an error
+            return Completion("", None if not enable_thinking else "", "", 0, 0, "prompt_too_long", 0.0)
         params = SamplingParams(max_tokens=max(1, min(max_tokens, room)), temperature=0.0,
                                 enable_thinking=enable_thinking,
                                 thinking_budget=thinking_budget if enable_thinking else None)
@@ -121,7 +121,7 @@ class EndpointClient:
                 "max_tokens": max_tokens, "temperature": 0.0,
                 "chat_template_kwargs": {"enable_thinking": enable_thinking}, **self.extra_body}
         if enable_thinking and thinking_budget is not None:
-            body["thinking_budget"] = thinking_budget
+            body["thinking_token_budget"] = thinking_budget  # vLLM's name; this project's server reads it too
         t0 = time.perf_counter()
         for attempt in range(self.RETRIES + 1):
             try:
