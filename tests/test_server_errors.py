@@ -53,6 +53,10 @@ def _error(resp, status, code=None, param=None):
     ({"messages": USER, "top_p": 0}, "top_p"),
     ({"messages": USER, "n": 0}, "n"),
     ({"messages": USER, "n": 99}, "n"),
+    ({"messages": USER, "n": 5}, "n"),                                          # above the engine's batch
+    ({"messages": USER, "seed": 2 ** 70}, "seed"),
+    ({"messages": USER, "chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs.enable_thinking"),
+    ({"messages": USER, "stream_options": {"include_usage": "x"}}, "stream_options.include_usage"),
     ({"messages": USER, "max_tokens": 0}, "max_tokens"),
     ({"messages": USER, "max_completion_tokens": -1}, "max_completion_tokens"),
     ({"messages": USER, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
@@ -73,6 +77,8 @@ def test_bad_chat_requests_are_400(server, body, param):
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": 5}, "prompt"),
+    ({"prompt": [10 ** 9]}, "prompt"),
+    ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
 ])
 def test_bad_completion_requests_are_400(server, body, param):

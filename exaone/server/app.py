@@ -138,9 +138,11 @@ class _Server:
             raise APIError(400, f"this model's maximum context length is {e.max_len} tokens: {e}",
                            param="messages" if endpoint == "chat" else "prompt",
                            code="context_length_exceeded") from None
-        except ValueError as e:
+        except ValueError as e:  # e.g. n above the engine's batch, token ids outside the vocabulary
             self._release(key)
-            raise APIError(400, str(e), param="n" if "n=" in str(e) else None) from None
+            msg = str(e)
+            param = "n" if msg.startswith("n=") else ("prompt" if "prompt" in msg else None)
+            raise APIError(400, msg, param=param) from None
         run = _Run(self, gen, key, model, endpoint, started, time.perf_counter())
         created = int(time.time())
         if body.stream:

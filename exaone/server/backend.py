@@ -29,6 +29,7 @@ from .protocol import (RESERVED_TEMPLATE_KWARGS, ChatCompletionRequest, Completi
 __all__ = ["LocalBackend", "Prepared", "Generation", "ContextLengthError", "SamplingError"]
 
 SETTLE_TIMEOUT_S = 5.0  # after a cancel, how long to wait for the engine's final counts
+SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1 - 16)  # torch's generator takes int64; n > 1 uses seed + index
 
 
 class RequestError(ValueError):
@@ -46,10 +47,13 @@ class Prepared:
     chat: bool              # split reasoning / tool calls (chat) or plain text (completions)
     tools: bool             # parse tool calls into `tool_calls`
     param_names: dict       # SamplingParams field -> the request field it came from
+    max_len: int            # the context length: no sequence grows past it
 
     @property
     def estimated_tokens(self) -> int:
-        return len(self.prompt_ids) + self.params.max_tokens * self.params.n
+        """Prompt + the most this request can generate (what a rate limit reserves)."""
+        room = max(0, self.max_len - len(self.prompt_ids))
+        return len(self.prompt_ids) + min(self.params.max_tokens, room) * self.params.n
 
 
 def _messages(req: ChatCompletionRequest) -> list[dict]:
@@ -97,6 +101,9 @@ def _common_params(req, **extra) -> dict:
 def _params(kw: dict, prompt_len: int, max_len: int, names: dict) -> SamplingParams:
     if kw.get("max_tokens") is None:  # unset: the rest of the context
         kw["max_tokens"] = max(1, max_len - prompt_len)
+    seed = kw.get("seed")
+    if isinstance(seed, int) and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise RequestError(f"seed must be a 64-bit integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {seed}", "seed")
     try:
         return SamplingParams(**kw)
     except SamplingError as e:
@@ -226,6 +233,9 @@ class LocalBackend:
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         rc = reasoning_control(req)
         kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in RESERVED_TEMPLATE_KWARGS}
+        if not isinstance(kwargs.get("enable_thinking", False), bool):
+            raise RequestError("chat_template_kwargs.enable_thinking must be true or false",
+                               "chat_template_kwargs.enable_thinking")
         kwargs["enable_thinking"] = rc.enable_thinking
         tools, messages = _tools(req), _messages(req)
         try:
@@ -241,7 +251,7 @@ class LocalBackend:
                             enable_thinking=rc.enable_thinking,
                             thinking_budget=rc.budget if rc.enable_thinking else None)
         return Prepared(ids, _params(kw, len(ids), self.max_len, names), chat=True, tools=tools is not None,
-                        param_names=names)
+                        param_names=names, max_len=self.max_len)
 
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
         prompt = req.prompt
@@ -267,7 +277,7 @@ class LocalBackend:
         kw = _common_params(req, max_tokens=16 if req.max_tokens is None else req.max_tokens,
                             logprobs=lp is not None, top_logprobs=lp or 0)
         return Prepared(ids, _params(kw, len(ids), self.max_len, names), chat=False, tools=False,
-                        param_names=names)
+                        param_names=names, max_len=self.max_len)
 
     # ---- the engine ---------------------------------------------------------------------------
     def submit(self, prep: Prepared, request_id: str | None = None) -> Generation:
