@@ -248,3 +248,30 @@ def test_metrics(server):
         assert name in text, name
     assert 'exaone_requests_total{endpoint="chat",status="ok"}' in text
     assert 'exaone_requests_total{endpoint="chat",status="400"}' in text
+
+
+def test_client_gone_before_first_chunk(backend, ledger):
+    """Driven at the ASGI level: the client disconnects right after sending its request."""
+    import asyncio
+
+    key, secret = ledger.create_key("gone")
+    app = create_app(backend, ledger=ledger)
+    body = json.dumps({"messages": USER, "max_tokens": 480, "ignore_eos": True, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "server": ("test", 80), "client": ("test", 1),
+             "headers": [(b"content-type", b"application/json"), (b"authorization", f"Bearer {secret}".encode())]}
+    sent, messages = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert wait_for(lambda: _slots_free(backend)), backend.stats()
+    (row,) = ledger.usage(key_id=key.id)
+    assert row["status"] == "cancelled" and row["completion_tokens"] < 480

@@ -66,15 +66,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 class _SSE(StreamingResponse):
-    """A StreamingResponse that always closes its generator, so that its `finally` (cancel the
-    generation, bill it) runs as soon as the client is gone, not whenever it is collected."""
+    """A StreamingResponse that, however it ends, closes its generator and runs `on_close` (cancel
+    the generation, bill it) as soon as the client is gone, not whenever the generator is
+    collected; `on_close` also covers a client gone before the first chunk, when the generator
+    never started and so never reaches its own `finally`."""
 
-    async def stream_response(self, send) -> None:
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            await super().stream_response(send)
+            await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+                await self.on_close()
 
 
 class _Server:
@@ -147,8 +154,8 @@ class _Server:
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _SSE(self.stream(run, rid, model, created, include_usage, prep), media_type="text/event-stream",
-                        headers=SSE_HEADERS)
+            return _SSE(self.stream(run, rid, model, created, include_usage, prep), run.finish,
+                        media_type="text/event-stream", headers=SSE_HEADERS)
         return await self.complete(request, run, rid, model, created, prep)
 
     async def complete(self, request, run: "_Run", rid, model, created, prep) -> JSONResponse:
