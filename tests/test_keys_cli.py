@@ -60,6 +60,18 @@ def test_list_never_shows_secrets_and_revoke_works(capsys, db):
     assert rc == 2 and "no API key" in err
 
 
+def test_set_changes_limits(capsys, db):
+    run(capsys, "keys", "create", "alice", "--rpm", "5", "--db", db)
+    rc, out, _ = run(capsys, "keys", "set", "1", "--tpm", "900", "--budget", "3", "--db", db)
+    assert rc == 0 and "rpm 5, tpm 900, budget $3" in out
+    rc, out, _ = run(capsys, "keys", "set", "1", "--rpm", "none", "--budget", "NONE", "--db", db)
+    assert rc == 0 and out.rstrip().endswith("tpm 900")
+    rc, _, err = run(capsys, "keys", "set", "1", "--db", db)
+    assert rc == 2 and "nothing to change" in err
+    with pytest.raises(SystemExit):
+        main(["keys", "set", "1", "--rpm", "0", "--db", db])
+
+
 def test_db_from_environment(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("EXAONE_DB_URL", f"sqlite:///{tmp_path / 'env.db'}")
     assert run(capsys, "keys", "create", "carol")[0] == 0

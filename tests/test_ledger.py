@@ -72,6 +72,20 @@ def test_only_the_hash_is_stored(ledger):
     assert not any(secret[len(key.prefix):] in str(v) for v in rows[0].values())  # not even the random tail
 
 
+def test_update_limits(ledger):
+    key, secret = ledger.create_key("alice", rpm_limit=10)
+    updated = ledger.update_key(key.prefix, tpm_limit=5000, budget_usd="12.34")
+    assert (updated.rpm_limit, updated.tpm_limit, updated.budget_usd) == (10, 5000, Decimal("12.34"))
+    cleared = ledger.update_key(key.id, rpm_limit=None, budget_usd=None)
+    assert (cleared.rpm_limit, cleared.tpm_limit, cleared.budget_usd) == (None, 5000, None)
+    assert ledger.authenticate(secret) == cleared
+    for bad in ({"rpm_limit": 0}, {"budget_usd": "-1"}, {"budget_usd": "0.0000001"}):
+        with pytest.raises(ValueError):
+            ledger.update_key(key.id, **bad)
+    with pytest.raises(TypeError):
+        ledger.update_key(key.id, name="mallory")
+
+
 def test_unknown_keys(ledger):
     ledger.create_key("alice")
     with pytest.raises(UnknownKey):

@@ -234,6 +234,25 @@ def _as_utc(t: dt.date | dt.datetime | str | None) -> dt.datetime | None:
     return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
 
 
+def _limits(**limits) -> dict[str, Any]:
+    """Validated limit columns: rpm/tpm ints >= 1, budget a decimal >= 0; None means no limit."""
+    unknown = set(limits) - {"rpm_limit", "tpm_limit", "budget_usd"}
+    if unknown:
+        raise TypeError(f"unknown limits {sorted(unknown)}")
+    out = {}
+    for what, n in limits.items():
+        if what == "budget_usd":
+            d = None if n is None else to_decimal(n, "budget_usd")
+            if d is not None and d != d.quantize(Decimal(1).scaleb(-PRICE_SCALE)):
+                raise ValueError(f"budget_usd: at most {PRICE_SCALE} decimal places, got {d}")
+            out[what] = d
+        elif n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"{what}: expected an int >= 1 or None, got {n!r}")
+        else:
+            out[what] = n
+    return out
+
+
 # ---- engine ------------------------------------------------------------------------------
 def normalize_url(url: str | None) -> str:
     url = url or os.environ.get("EXAONE_DB_URL") or DEFAULT_DB_URL
@@ -302,15 +321,12 @@ class Ledger:
         """A new key and its secret. The secret is returned once and stored only as a hash."""
         if not name or not name.strip():
             raise ValueError("key name must not be empty")
-        for what, n in (("rpm_limit", rpm_limit), ("tpm_limit", tpm_limit)):
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-                raise ValueError(f"{what}: expected an int >= 1 or None, got {n!r}")
-        budget = None if budget_usd is None else to_decimal(budget_usd, "budget_usd")
+        limits = _limits(rpm_limit=rpm_limit, tpm_limit=tpm_limit, budget_usd=budget_usd)
         secret = SECRET_PREFIX + secrets.token_urlsafe(SECRET_RANDOM_CHARS * 3 // 4)
         with self.engine.begin() as conn:
             key_id = conn.execute(insert(ApiKeyTable).values(
                 name=name.strip(), prefix=secret[:SHOWN_PREFIX_CHARS], key_hash=hash_secret(secret),
-                created_at=utcnow(), rpm_limit=rpm_limit, tpm_limit=tpm_limit, budget_usd=budget,
+                created_at=utcnow(), **limits,
             )).inserted_primary_key[0]
             row = conn.execute(select(ApiKeyTable).where(ApiKeyTable.id == key_id)).one()
         return _key(row), secret
@@ -343,6 +359,15 @@ class Ledger:
             conn.execute(update(ApiKeyTable).where(ApiKeyTable.id == key.id, ApiKeyTable.revoked_at.is_(None))
                          .values(revoked_at=utcnow()))
             return _key(conn.execute(select(ApiKeyTable).where(ApiKeyTable.id == key.id)).one())
+
+    def update_key(self, id_or_prefix: int | str, **limits) -> ApiKey:
+        """Change any of rpm_limit, tpm_limit, budget_usd (None removes that limit)."""
+        values = _limits(**limits)
+        key = self.get_key(id_or_prefix)
+        if values:
+            with self.engine.begin() as conn:
+                conn.execute(update(ApiKeyTable).where(ApiKeyTable.id == key.id).values(**values))
+        return self.get_key(key.id)
 
     def authenticate(self, secret: str | None) -> ApiKey | None:
         """The live key this secret belongs to, or None (unknown, malformed or revoked)."""
