@@ -278,7 +278,7 @@ def _score(task: Task, item: Item, mode: str, key: str, max_tokens: int, comp: C
         extracted, score, details = task.score(item, comp.content)
     except Exception as e:  # noqa: BLE001 - a scorer bug scores 0 and is logged, not fatal
         extracted, score, details = None, 0.0, {"scorer_error": f"{type(e).__name__}: {e}"}
-    return {"key": key, "task": task.name, "id": item.id, "mode": mode, "prompt": item.prompt,
+    return {"key": key, "task": task.name, "id": item.id, "mode": mode, "meta": item.meta, "prompt": item.prompt,
             "output": comp.text, "reasoning": comp.reasoning, "content": comp.content,
             "extracted": extracted, "score": score, "details": details,
             "completion_tokens": comp.completion_tokens, "reasoning_tokens": comp.reasoning_tokens,
@@ -321,6 +321,8 @@ class _progress:
 
 
 # ---- aggregates --------------------------------------------------------------------------------
+GROUP_KEYS = ("subject", "category", "domain", "kind", "data_source", "difficulty")
+
 def aggregate(task: Task, recs: list[dict], n_items: int) -> dict:
     n = len(recs)
     mean = lambda xs: (sum(xs) / len(xs)) if xs else None
@@ -330,6 +332,14 @@ def aggregate(task: Task, recs: list[dict], n_items: int) -> dict:
            "avg_reasoning_tokens": mean([r["reasoning_tokens"] for r in recs]),
            "avg_seconds": mean([r["seconds"] for r in recs]),
            "truncated": sum(1 for r in recs if r.get("finish_reason") == "length")}
+    groups: dict[str, list[float]] = {}
+    for r in recs:  # per subject / category / generator, when the items carry one
+        meta = r.get("meta") or {}
+        g = next((meta[k] for k in GROUP_KEYS if meta.get(k) is not None), None)
+        if g is not None:
+            groups.setdefault(str(g), []).append(r["score"])
+    if len(groups) > 1:
+        out["by_group"] = {g: {"n": len(v), "score": 100.0 * sum(v) / len(v)} for g, v in sorted(groups.items())}
     if task.kind == "ifeval" and n:
         d = [r["details"] for r in recs if isinstance(r.get("details"), dict) and "strict" in r["details"]]
         inst = lambda k: 100.0 * sum(sum(x[k]) for x in d) / max(1, sum(len(x[k]) for x in d))
