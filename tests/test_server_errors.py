@@ -275,3 +275,58 @@ def test_client_gone_before_first_chunk(backend, ledger):
     assert wait_for(lambda: _slots_free(backend)), backend.stats()
     (row,) = ledger.usage(key_id=key.id)
     assert row["status"] == "cancelled" and row["completion_tokens"] < 480
+
+
+class _FailingHandle:
+    """A request whose engine step fails after one token (as `Engine._fail_active` reports it)."""
+
+    def __init__(self, rid):
+        from exaone.engine_types import Output
+
+        self.request_id, self.n, self.prompt_tokens = rid, 1, 3
+        self.finish_reasons = ["error"]
+        self.records = [Output(rid, 0, 7, "partial", None, None, None, 3, 1, 0, False, 0.01, 0.01),
+                        Output(rid, 0, None, "", None, None, "error", 3, 1, 0, False, 0.01, 0.02,
+                               error="RuntimeError: CUDA fell over")]
+        self.finished = True
+
+    def cancel(self):
+        pass
+
+    async def __aiter__(self):
+        for r in self.records:
+            yield r
+
+
+class _FailingBackend:
+    """No model at all: the app only needs these few members."""
+    model_name, max_len = MODEL_NAME, 64
+
+    def __init__(self, real):
+        self.real = real
+
+    def stats(self):
+        return self.real.stats()
+
+    def prepare_chat(self, req):
+        return self.real.prepare_chat(req)
+
+    def submit(self, prep, request_id=None):
+        from exaone.server.backend import Generation
+
+        return Generation(_FailingHandle(request_id), str, chat=True, enable_thinking=False, tools=False)
+
+
+def test_engine_failure_is_500_and_billed_as_error(backend, ledger):
+    key, secret = ledger.create_key("engine-failure")
+    with LiveServer(create_app(_FailingBackend(backend), ledger=ledger)) as live:
+        live.secret = secret
+        err = _error(_post(live, {"messages": USER}), 500, code="generation_failed")
+        assert err["type"] == "server_error"
+        r = _post(live, {"messages": USER, "stream": True})
+        assert r.status_code == 200  # the stream had begun: the error comes as an event
+        events = [b[len("data: "):] for b in r.text.split("\n\n") if b.strip()]
+        assert json.loads(events[1])["choices"][0]["delta"]["content"] == "partial"
+        assert json.loads(events[-2])["error"]["code"] == "generation_failed" and events[-1] == "[DONE]"
+    rows = ledger.usage(key_id=key.id)
+    assert [r["status"] for r in rows] == ["error", "error"] and all(r["completion_tokens"] == 1 for r in rows)
