@@ -170,7 +170,7 @@ class _Server:
             with anyio.CancelScope(shield=True):
                 usage = await run.finish()
         if gen.status == "error":
-            raise APIError(500, f"generation failed: {gen.error}", type="server_error", code="generation_failed")
+            raise APIError(500, _failed(rid), type="server_error", code="generation_failed")
         kind = "chat" if prep.chat else "text"
         return JSONResponse(render(kind, id=rid, model=model, created=created, choices=acc.choices, usage=usage,
                                    stream=False, logprobs=prep.params.logprobs))
@@ -200,7 +200,7 @@ class _Server:
                 calls[p.index] += len(p.tool_calls)
             usage = await run.finish()
             if gen.status == "error":
-                err = error_body(f"generation failed: {gen.error}", "server_error", code="generation_failed")
+                err = error_body(_failed(rid), "server_error", code="generation_failed")
                 yield f"data: {json.dumps(err)}\n\n"
             elif include_usage:
                 yield chunk([], usage=usage)
@@ -236,6 +236,8 @@ class _Run:
         s, gen = self.server, self.gen
         await gen.settle()
         usage, status = gen.usage(), gen.status
+        if status == "error":
+            log.error("request %s failed in the engine: %s", gen.request_id, gen.error)
         if s.ledger is not None:
             from .ledger import UsageRecord
             rec = UsageRecord(key_id=getattr(self.key, "id", None), model=self.model, request_id=gen.request_id,
@@ -254,6 +256,11 @@ class _Run:
             s.limiter.add_tokens(self.key.id, usage.prompt_tokens + usage.completion_tokens)
         s.metrics.finished(self.endpoint, status, usage, time.perf_counter() - self.t0, gen.ttft())
         return usage
+
+
+def _failed(rid: str) -> str:
+    # The engine's own error text stays in the server log: it can name internals.
+    return f"the server failed while generating (request {rid}); please retry"
 
 
 async def _watch_disconnect(request: Request, gen: Generation) -> None:
