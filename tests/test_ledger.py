@@ -178,7 +178,21 @@ def test_concurrent_records_sum_exactly(url):
         assert total["prompt_tokens"] == sum(100 + i for i in range(per_thread)) * threads + 5000
         assert ledger.spent(keys[0].id) + ledger.spent(keys[1].id) == expected
         assert sum(ledger.spent_by_key().values()) == expected
+        assert ledger.audit_spent() == {}  # running totals == sums of usage rows
         assert sum(r["cost_usd"] for r in ledger.usage()) == expected
+
+
+def test_old_ledger_gains_running_totals(url):
+    with Ledger(url) as ledger:
+        key, _ = ledger.create_key("alice")
+        row = ledger.record(UsageRecord(key.id, "m", "r1", prompt_tokens=10, completion_tokens=10))
+        with ledger.engine.begin() as conn:  # back to the first schema, without api_keys.spent_usd
+            conn.exec_driver_sql("ALTER TABLE api_keys DROP COLUMN spent_usd")
+    with Ledger(url) as ledger:
+        assert ledger.spent(key.id) == row.cost_usd and ledger.audit_spent() == {}
+        with ledger.engine.begin() as conn:  # a usage row edited behind the ledger's back
+            conn.exec_driver_sql("DELETE FROM usage")
+        assert ledger.audit_spent() == {key.id: (row.cost_usd, 0)}
 
 
 def test_summary_groups_and_filters(ledger):

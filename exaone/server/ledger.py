@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Any, Iterable
 
 from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, Numeric, String, TypeDecorator,
-                        create_engine, event, func, insert, select, update)
+                        create_engine, event, func, insert, inspect, select, update)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -112,6 +112,9 @@ class ApiKeyTable(Base):
     rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
     tpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
     budget_usd: Mapped[Decimal | None] = mapped_column(Fixed(PRICE_SCALE), nullable=True)
+    # Running total of this key's usage costs, kept in the transaction that writes each usage row,
+    # so the budget check per request is one row read rather than a sum over all of its usage.
+    spent_usd: Mapped[Decimal] = mapped_column(Fixed(COST_SCALE), default=Decimal(0))
 
 
 class UsageTable(Base):
@@ -298,6 +301,19 @@ class Ledger:
         self.pricing = pricing or Pricing()
         self.engine = make_engine(self.url)
         Base.metadata.create_all(self.engine)
+        self._add_spent_column()
+
+    def _add_spent_column(self) -> None:
+        """Ledgers made before api_keys.spent_usd existed: add it, filled from their usage rows."""
+        if "spent_usd" in {c["name"] for c in inspect(self.engine).get_columns("api_keys")}:
+            return
+        col = ApiKeyTable.__table__.c.spent_usd
+        ddl = col.type.dialect_impl(self.engine.dialect).compile(dialect=self.engine.dialect)
+        total = (select(func.coalesce(func.sum(UsageTable.cost_usd), 0))
+                 .where(UsageTable.key_id == ApiKeyTable.id).scalar_subquery())
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE api_keys ADD COLUMN spent_usd {ddl} NOT NULL DEFAULT 0")
+            conn.execute(update(ApiKeyTable).values(spent_usd=total))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -407,16 +423,29 @@ class Ledger:
             else:
                 from sqlalchemy.dialects.postgresql import insert as upsert
             stmt = upsert(UsageTable).values(**values).on_conflict_do_nothing(index_elements=["request_id"])
+            returning = self.engine.dialect.insert_returning  # SQLite >= 3.35, PostgreSQL
+            if returning:
+                stmt = stmt.returning(UsageTable.id)
             with self.engine.begin() as conn:  # the insert comes first, so SQLite takes the write lock at once
-                conn.execute(stmt)
+                result = conn.execute(stmt)
+                inserted = result.first() is not None if returning else result.rowcount == 1
+                if inserted:  # else already recorded: bill nothing more
+                    self._add_spent(conn, rec.key_id, values["cost_usd"])
                 return _usage(conn.execute(by_id).one())
         try:  # other databases: let the unique constraint decide
             with self.engine.begin() as conn:
                 conn.execute(insert(UsageTable).values(**values))
+                self._add_spent(conn, rec.key_id, values["cost_usd"])
                 return _usage(conn.execute(by_id).one())
         except IntegrityError:
             with self.engine.connect() as conn:
                 return _usage(conn.execute(by_id).one())
+
+    @staticmethod
+    def _add_spent(conn, key_id: int | None, cost: Decimal) -> None:
+        if key_id is not None and cost:
+            conn.execute(update(ApiKeyTable).where(ApiKeyTable.id == key_id)
+                         .values(spent_usd=ApiKeyTable.spent_usd + cost))
 
     def usage(self, key_id: int | None = None, since: dt.date | dt.datetime | str | None = None,
               until: dt.date | dt.datetime | str | None = None) -> list[dict]:
@@ -468,16 +497,25 @@ class Ledger:
         return rows
 
     def spent(self, key_id: int) -> Decimal:
-        """Total cost billed to a key, all time."""
-        q = select(func.coalesce(func.sum(UsageTable.cost_usd), 0)).where(UsageTable.key_id == key_id)
+        """Total cost billed to a key, all time (0 for an unknown key). One row read."""
         with self.engine.connect() as conn:
-            return Decimal(conn.execute(q).scalar_one())
+            v = conn.execute(select(ApiKeyTable.spent_usd).where(ApiKeyTable.id == key_id)).scalar_one_or_none()
+        return Decimal(0) if v is None else v
 
     def spent_by_key(self) -> dict[int, Decimal]:
-        q = (select(UsageTable.key_id, func.sum(UsageTable.cost_usd))
-             .where(UsageTable.key_id.is_not(None)).group_by(UsageTable.key_id))
         with self.engine.connect() as conn:
-            return {k: Decimal(v) for k, v in conn.execute(q)}
+            return dict(conn.execute(select(ApiKeyTable.id, ApiKeyTable.spent_usd)).all())
+
+    def audit_spent(self) -> dict[int, tuple[Decimal, Decimal]]:
+        """Keys whose running total disagrees with the sum of their usage rows: {id: (total, sum)}.
+        Empty unless rows were changed behind the ledger's back."""
+        sums = (select(UsageTable.key_id, func.sum(UsageTable.cost_usd).label("s"))
+                .where(UsageTable.key_id.is_not(None)).group_by(UsageTable.key_id).subquery())
+        q = (select(ApiKeyTable.id, ApiKeyTable.spent_usd, sums.c.s)
+             .outerjoin(sums, sums.c.key_id == ApiKeyTable.id))
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        return {i: (total, s or Decimal(0)) for i, total, s in rows if total != (s or 0)}
 
     @staticmethod
     def _window(q, since, until):
