@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for r in rows:
-            writer.writerow({c: "" if r[c] is None else (f"{r[c]:f}" if isinstance(r[c], Decimal) else r[c])
+            writer.writerow({c: "" if r[c] is None else (f"{r[c].normalize():f}" if isinstance(r[c], Decimal) else r[c])
                              for c in columns})
         return 0
     _print_table(rows, columns, args, where)
