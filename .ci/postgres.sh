@@ -15,10 +15,10 @@ PG_DB=${PG_DB:-exaone_test}
 log() { echo "postgres.sh: $*" >&2; }
 if [ "$(id -u)" = 0 ]; then
     as_root() { "$@"; }
-    as_postgres() { su -s /bin/sh postgres -c "$*"; }
+    as_postgres() { su -s /bin/sh postgres -c "cd / && $*"; }  # cd: the caller's directory may be closed to it
 else
     as_root() { sudo "$@"; }
-    as_postgres() { sudo -u postgres sh -c "$*"; }
+    as_postgres() { sudo -u postgres sh -c "cd / && $*"; }
 fi
 
 if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! command -v pg_lsclusters >/dev/null; then

@@ -10,6 +10,9 @@ slip under the limit); `add_tokens(key_id, n)` after the request releases one re
 that key and counts the actual `n`. A request that never reports releases its reservation when
 it leaves the window. Call `add_tokens(key_id, 0)` for a request that failed before running.
 
+The budget is checked against what is already billed, so requests in flight when it runs out
+can overshoot it by their own cost.
+
 This module never sees HTTP; the server turns the exceptions into 429 / 402 responses.
 """
 from __future__ import annotations
