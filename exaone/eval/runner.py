@@ -56,6 +56,8 @@ class LocalClient:
             model = default_model_path()
         self.name = str(Path(model).resolve())
         self.max_len = self.engine.max_len
+        self._lock = threading.Lock()
+        self._live: set = set()
 
     def complete(self, prompt: str, enable_thinking: bool, max_tokens: int, thinking_budget: int | None) -> Completion:
         from exaone.reasoning import parse
@@ -72,18 +74,32 @@ class LocalClient:
                                 thinking_budget=thinking_budget if enable_thinking else None)
         t0 = time.perf_counter()
         parts, last = [], None
-        for out in self.engine.submit(ids, params):
-            parts.append(out.text)
-            last = out
-        if last is not None and last.finish_reason == "error":
-            raise RuntimeError(f"generation failed: {last.error}")
+        handle = self.engine.submit(ids, params)
+        with self._lock:
+            self._live.add(handle)
+        try:
+            for out in handle:
+                parts.append(out.text)
+                last = out
+        finally:
+            with self._lock:
+                self._live.discard(handle)
+        if last is not None and last.finish_reason in ("error", "cancelled"):  # never cached
+            raise RuntimeError(f"generation {last.finish_reason}: {last.error or ''}")
         text = "".join(parts)
         p = parse(text, enable_thinking)
         return Completion(text, p.reasoning, p.content, last.completion_tokens if last else 0,
                           last.reasoning_tokens if last else 0, last.finish_reason if last else None,
                           time.perf_counter() - t0)
 
+    def cancel_all(self) -> None:
+        with self._lock:
+            live = list(self._live)
+        for h in live:
+            h.cancel()
+
     def close(self) -> None:
+        self.cancel_all()
         self.engine.stop()
 
 
@@ -236,28 +252,35 @@ def run_eval(client, tasks: list[tuple[Task, list[Item]]], modes: list[str], out
                 else:
                     jobs.append((task, item, key, mt, path))
         t0 = time.perf_counter()
-        with _progress(progress, f"{mode}", len(jobs)) as bar, \
-                ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="exaone-eval") as pool:
-            futs = {}
-            for task, item, key, mt, path in jobs:
-                fut = pool.submit(_timed, client.complete, item.prompt, MODES[mode], mt,
-                                  settings.thinking_budget if mode == "reasoning" else None)
-                futs[fut] = (task, item, key, mt, path)
-            for fut in as_completed(futs):
-                task, item, key, mt, path = futs[fut]
-                started, ended, comp, err = fut.result()
-                tw = run.task_wall.setdefault(task.name, [started, ended])
-                tw[0], tw[1] = min(tw[0], started), max(tw[1], ended)
-                if err is not None:
-                    run.errors += 1
-                    _append(out_dir / "errors.jsonl", {"task": task.name, "id": item.id, "mode": mode,
-                                                       "error": err, "time": time.time()}, lock)
-                else:
-                    rec = _score(task, item, mode, key, mt, comp)
-                    _append(path, rec, lock)
-                    records[(task.name, mode)][key] = rec
-                    run.generated += 1
-                bar(task.name)
+        pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="exaone-eval")
+        try:
+            with _progress(progress, f"{mode}", len(jobs)) as bar:
+                futs = {}
+                for task, item, key, mt, path in jobs:
+                    fut = pool.submit(_timed, client.complete, item.prompt, MODES[mode], mt,
+                                      settings.thinking_budget if mode == "reasoning" else None)
+                    futs[fut] = (task, item, key, mt, path)
+                for fut in as_completed(futs):
+                    task, item, key, mt, path = futs[fut]
+                    started, ended, comp, err = fut.result()
+                    tw = run.task_wall.setdefault(task.name, [started, ended])
+                    tw[0], tw[1] = min(tw[0], started), max(tw[1], ended)
+                    if err is not None:
+                        run.errors += 1
+                        _append(out_dir / "errors.jsonl", {"task": task.name, "id": item.id, "mode": mode,
+                                                           "error": err, "time": time.time()}, lock)
+                    else:
+                        rec = _score(task, item, mode, key, mt, comp)
+                        _append(path, rec, lock)
+                        records[(task.name, mode)][key] = rec
+                        run.generated += 1
+                    bar(task.name)
+        except BaseException:  # Ctrl-C: drop queued items, stop running ones; the logs keep what is done
+            pool.shutdown(wait=False, cancel_futures=True)
+            getattr(client, "cancel_all", lambda: None)()
+            raise
+        finally:
+            pool.shutdown(wait=True)
         run.wall_seconds = time.perf_counter() - t0
         run.task_wall = {k: v[1] - v[0] for k, v in run.task_wall.items()}
     return {"runs": {m: asdict(r) for m, r in runs.items()}, "records": records}
