@@ -81,7 +81,8 @@ def markdown(results: dict) -> str:
 
 
 def write_chart(results: dict, path: Path) -> Path | None:
-    """Grouped bars: one group per benchmark, one bar per mode. None when matplotlib is missing."""
+    """Two panels of grouped bars (one group per benchmark, one bar per mode): the score, and
+    the average generated tokens (what the score costs). None when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -92,18 +93,21 @@ def write_chart(results: dict, path: Path) -> Path | None:
     names = list(results["tasks"])
     titles = [next(iter(results["tasks"][n].values()))["title"] for n in names]
     width = 0.8 / max(1, len(modes))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) + 2), 4.0))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 2.0 * len(names) + 3), 4.2))
     colors = {"reasoning": "#a50034", "non-reasoning": "#7f7f7f"}
-    for k, m in enumerate(modes):
-        vals = [(results["tasks"][n].get(m) or {}).get("score") or 0.0 for n in names]
-        xs = [i + (k - (len(modes) - 1) / 2) * width for i in range(len(names))]
-        bars = ax.bar(xs, vals, width, label=MODE_TITLES.get(m, m), color=colors.get(m))
-        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
-    ax.set_xticks(range(len(names)), titles, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("score (%)")
-    ax.set_title(f"{Path(str(results['model'])).name}: reasoning vs non-reasoning", fontsize=10)
-    ax.legend(fontsize=8)
+    for ax, key, ylabel, fmt in ((axes[0], "score", "score (%)", "%.1f"),
+                                 (axes[1], "avg_completion_tokens", "avg generated tokens", "%.0f")):
+        for k, m in enumerate(modes):
+            vals = [(results["tasks"][n].get(m) or {}).get(key) or 0.0 for n in names]
+            xs = [i + (k - (len(modes) - 1) / 2) * width for i in range(len(names))]
+            bars = ax.bar(xs, vals, width, label=MODE_TITLES.get(m, m), color=colors.get(m))
+            ax.bar_label(bars, fmt=fmt, fontsize=7, padding=1)
+        ax.set_xticks(range(len(names)), titles, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.margins(y=0.15)
+    axes[0].set_ylim(0, 105)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{Path(str(results['model'])).name}: reasoning vs non-reasoning", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
