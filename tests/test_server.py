@@ -164,6 +164,26 @@ def test_n_and_logprobs(server, client):
     assert _row(server, r.id)["completion_tokens"] == 8
 
 
+def test_stream_n2_with_logprobs(server):
+    body = {"model": MODEL_NAME, "messages": USER, "max_tokens": 5, "n": 2, "stream": True, "ignore_eos": True,
+            "logprobs": True, "top_logprobs": 1, "stream_options": {"include_usage": True}}
+    resp = httpx.post(server.base_url + "/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {server.secret}"}, timeout=60)
+    chunks = _sse(resp)[:-1]
+    first, usage = chunks[0], chunks[-1]["usage"]
+    assert sorted(c["index"] for c in first["choices"]) == [0, 1]  # the role chunk opens both choices
+    tokens, finish = {0: 0, 1: 0}, {}
+    for ch in chunks[1:-1]:
+        (c,) = ch["choices"]
+        if c["logprobs"] is not None:
+            tokens[c["index"]] += len(c["logprobs"]["content"])
+            assert all(len(t["top_logprobs"]) == 1 for t in c["logprobs"]["content"])
+        if c["finish_reason"]:
+            finish[c["index"]] = c["finish_reason"]
+    assert tokens == {0: 5, 1: 5} and finish == {0: "length", 1: "length"}
+    assert usage["completion_tokens"] == 10
+
+
 def test_stop_string(client):
     kw = dict(model=MODEL_NAME, messages=USER, max_tokens=16, temperature=0.0, extra_body={"ignore_eos": True})
     full = client.chat.completions.create(**kw).choices[0].message.content
