@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from exaone.cli import main
-from exaone.eval.runner import EndpointClient, Settings, run_eval
+from exaone.eval.runner import EndpointClient, Settings, aggregate, run_eval
 from exaone.eval.tasks import TASKS
 from exaone.testing import make_random_checkpoint, tiny_config
 
@@ -88,14 +88,16 @@ class FakeOpenAI:
 
     def __init__(self):
         self.bodies = []
+        self.failed_once = False
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/models"):
             return httpx.Response(200, json={"data": [{"id": "fake-exaone"}]})
         body = json.loads(request.content)
-        self.bodies.append(body)
-        if len(self.bodies) == 1:
+        if not self.failed_once:
+            self.failed_once = True
             return httpx.Response(503, json={"error": "busy"})  # retried
+        self.bodies.append(body)
         think = body["chat_template_kwargs"]["enable_thinking"]
         msg = {"role": "assistant", "content": "Answer: B" if "Hydrogen" in str(body) else "Answer: C"}
         if think:
@@ -125,6 +127,16 @@ def test_endpoint_client_and_runner(tmp_path, monkeypatch):
     assert sent and all(b["thinking_token_budget"] == 64 and b["temperature"] == 0.0 for b in sent)
     assert all("thinking_token_budget" not in b for b in fake.bodies if not b["chat_template_kwargs"]["enable_thinking"])
     assert res["runs"]["reasoning"]["errors"] == 0
+
+    # sampling: N samples per item, seeds seed+i, mean score over samples and pass@N
+    fake.bodies.clear()
+    sampled = Settings(temperature=0.6, top_p=0.95, samples=2, seed=7)
+    res = run_eval(client, [(task, items)], ["non-reasoning"], tmp_path, sampled, concurrency=2, progress=False)
+    recs = list(res["records"][("mmlu_redux", "non-reasoning")].values())
+    assert len(recs) == 4 and sorted(r["sample"] for r in recs) == [0, 0, 1, 1]
+    assert sorted(b["seed"] for b in fake.bodies) == [7, 7, 8, 8] and all(b["top_p"] == 0.95 for b in fake.bodies)
+    agg = aggregate(task, recs, len(items))
+    assert agg["n"] == 2 and agg["samples"] == 4 and agg["score"] == 50.0 and agg["pass@2"] == 50.0
 
 
 def _has(mod: str) -> bool:

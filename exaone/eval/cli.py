@@ -31,6 +31,13 @@ def add_arguments(p) -> None:
     p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="generation limit (default: per task)")
     p.add_argument("--thinking-budget", type=int, default=None, metavar="N",
                    help="reasoning mode: at most N reasoning tokens, then the answer is forced")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); the model card samples reasoning mode at 0.6 with top-p 0.95")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="the card suggests 1.5 against degeneration")
+    p.add_argument("--samples", type=int, default=1, metavar="N",
+                   help="generations per item (needs --temperature > 0); score = mean over samples, plus pass@N")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--dtype", default="auto", help="in-process model dtype: float32, bfloat16 or auto")
     p.add_argument("--device", default=None, help="in-process device: cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, metavar="N",
@@ -67,6 +74,8 @@ def run(args) -> int:
         raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.samples < 1 or (args.samples > 1 and args.temperature == 0.0):
+        raise ValueError("--samples N > 1 needs --temperature > 0 (greedy samples would all be the same)")
     modes = list(MODES) if args.mode == "both" else [args.mode]
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else data_dir_default()
     tasks = get_tasks(args.tasks)
@@ -92,7 +101,10 @@ def run(args) -> int:
                              dtype=None if args.dtype == "auto" else args.dtype, device=args.device)
         kind = "in-process"
     load_s = time.perf_counter() - t0
-    settings = Settings(max_tokens=args.max_tokens, thinking_budget=args.thinking_budget)
+    settings = Settings(max_tokens=args.max_tokens, thinking_budget=args.thinking_budget,
+                        temperature=args.temperature, top_p=args.top_p, presence_penalty=args.presence_penalty,
+                        samples=args.samples, seed=args.seed)
+    settings.decoding(0)  # fail fast on out-of-range values (the engine's SamplingParams checks them too)
     try:
         res = run_eval(client, loaded, modes, out, settings, concurrency=args.concurrency,
                        progress=not args.no_progress and sys.stderr.isatty())
@@ -109,7 +121,9 @@ def run(args) -> int:
         "model": client.name, "client": kind, "modes_run": modes,
         "commit": project_commit(), "version": exaone.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {"temperature": settings.temperature, "max_tokens": settings.max_tokens,
+        "settings": {"temperature": settings.temperature, "top_p": settings.top_p,
+                     "presence_penalty": settings.presence_penalty, "samples": settings.samples, "seed": settings.seed,
+                     "max_tokens": settings.max_tokens,
                      "thinking_budget": settings.thinking_budget, "concurrency": args.concurrency,
                      "limit": args.limit, "data_dir": str(data_dir) if data_dir else None,
                      "dtype": args.dtype, "device": args.device, "threads": args.threads,

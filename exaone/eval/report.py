@@ -30,7 +30,9 @@ def markdown(results: dict) -> str:
              f"- commit: `{results['commit']}` (exaone {results['version']})",
              f"- date: {results['date']}",
              f"- client: {results['client']}; concurrency {results['settings']['concurrency']}; "
-             f"temperature {results['settings']['temperature']}; max tokens "
+             f"temperature {results['settings']['temperature']}"
+             + (f", top-p {results['settings']['top_p']}, {results['settings']['samples']} sample(s) per item"
+                if results['settings'].get('temperature') else " (greedy)") + "; max tokens "
              f"{results['settings']['max_tokens'] or 'task default'}; thinking budget "
              f"{results['settings']['thinking_budget'] if results['settings']['thinking_budget'] is not None else 'none'}; "
              f"limit {results['settings']['limit'] or 'none'}",

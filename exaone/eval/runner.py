@@ -1,6 +1,6 @@
 """Run tasks against a model: clients, concurrency, the resume cache, per-item logs, aggregates.
 
-Two clients with one method, `complete(prompt, enable_thinking, max_tokens, thinking_budget)`:
+Two clients with one method, `complete(prompt, enable_thinking, max_tokens, thinking_budget, decoding)`:
 - `LocalClient`: the public API as an outside user would (`exaone.load`, `Engine`,
   `SamplingParams`); one engine with a worker thread, so concurrent requests are batched.
 - `EndpointClient`: any OpenAI-compatible server (this project's, vLLM, ...), over httpx:
@@ -28,6 +28,23 @@ from pathlib import Path
 from .tasks import Item, Task
 
 MODES = {"reasoning": True, "non-reasoning": False}
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Per-request decoding. Greedy by default; with sampling, each of `--samples` gets seed + i."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+
+    def request_fields(self) -> dict:
+        out = {"temperature": self.temperature, "top_p": self.top_p}
+        if self.presence_penalty:
+            out["presence_penalty"] = self.presence_penalty
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
 
 
 @dataclass
@@ -59,9 +76,12 @@ class LocalClient:
         self._lock = threading.Lock()
         self._live: set = set()
 
-    def complete(self, prompt: str, enable_thinking: bool, max_tokens: int, thinking_budget: int | None) -> Completion:
+    def complete(self, prompt: str, enable_thinking: bool, max_tokens: int, thinking_budget: int | None,
+                 decoding: "Decoding | None" = None) -> Completion:
         from exaone.reasoning import parse
         from exaone.sampling import SamplingParams
+
+        d = decoding or Decoding()
 
         ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                  enable_thinking=enable_thinking)
@@ -69,8 +89,8 @@ class LocalClient:
         room = self.max_len - len(ids)
         if room < 1:  # deterministic, so a scored (0) and cached outcome rather than an error
             return Completion("", None if not enable_thinking else "", "", 0, 0, "prompt_too_long", 0.0)
-        params = SamplingParams(max_tokens=max(1, min(max_tokens, room)), temperature=0.0,
-                                enable_thinking=enable_thinking,
+        params = SamplingParams(max_tokens=max(1, min(max_tokens, room)), temperature=d.temperature, top_p=d.top_p,
+                                presence_penalty=d.presence_penalty, seed=d.seed, enable_thinking=enable_thinking,
                                 thinking_budget=thinking_budget if enable_thinking else None)
         t0 = time.perf_counter()
         parts, last = [], None
@@ -128,13 +148,14 @@ class EndpointClient:
         self.served_model = served_model
         self.name = f"{url}#{served_model}"
 
-    def complete(self, prompt: str, enable_thinking: bool, max_tokens: int, thinking_budget: int | None) -> Completion:
+    def complete(self, prompt: str, enable_thinking: bool, max_tokens: int, thinking_budget: int | None,
+                 decoding: "Decoding | None" = None) -> Completion:
         import httpx
 
         from exaone.reasoning import parse
 
         body = {"model": self.served_model, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens, "temperature": 0.0,
+                "max_tokens": max_tokens, **(decoding or Decoding()).request_fields(),
                 "chat_template_kwargs": {"enable_thinking": enable_thinking}, **self.extra_body}
         if enable_thinking and thinking_budget is not None:
             body["thinking_token_budget"] = thinking_budget  # vLLM's name; this project's server reads it too
@@ -194,15 +215,25 @@ class Settings:
     max_tokens: int | None = None          # None: each task's default per mode
     thinking_budget: int | None = None
     temperature: float = 0.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    samples: int = 1                       # generations per item (seeds seed, seed+1, ...)
+    seed: int = 0
+
+    def decoding(self, sample: int) -> Decoding:
+        greedy = self.temperature == 0.0
+        return Decoding(self.temperature, self.top_p, self.presence_penalty, None if greedy else self.seed + sample)
 
     def tokens_for(self, task: Task, mode: str) -> int:
         return self.max_tokens or task.max_tokens[mode]
 
 
-def item_key(model: str, task: Task, item: Item, mode: str, max_tokens: int, settings: Settings) -> str:
+def item_key(model: str, task: Task, item: Item, mode: str, max_tokens: int, settings: Settings,
+             sample: int = 0) -> str:
+    d = settings.decoding(sample)
     blob = json.dumps([model, task.name, item.id, mode, hashlib.sha256(item.prompt.encode()).hexdigest(),
                        max_tokens, settings.thinking_budget if mode == "reasoning" else None,
-                       settings.temperature], ensure_ascii=False)
+                       d.temperature, d.top_p, d.presence_penalty, d.seed, sample], ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -245,23 +276,25 @@ def run_eval(client, tasks: list[tuple[Task, list[Item]]], modes: list[str], out
             mt = settings.tokens_for(task, mode)
             recs = records[(task.name, mode)] = {}
             for item in items:
-                key = item_key(client.name, task, item, mode, mt, settings)
-                if key in done:
-                    recs[key] = done[key]
-                    run.cached += 1
-                else:
-                    jobs.append((task, item, key, mt, path))
+                for sample in range(settings.samples):
+                    key = item_key(client.name, task, item, mode, mt, settings, sample)
+                    if key in done:
+                        recs[key] = done[key]
+                        run.cached += 1
+                    else:
+                        jobs.append((task, item, key, mt, path, sample))
         t0 = time.perf_counter()
         pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="exaone-eval")
         try:
             with _progress(progress, f"{mode}", len(jobs)) as bar:
                 futs = {}
-                for task, item, key, mt, path in jobs:
+                for task, item, key, mt, path, sample in jobs:
                     fut = pool.submit(_timed, client.complete, item.prompt, MODES[mode], mt,
-                                      settings.thinking_budget if mode == "reasoning" else None)
-                    futs[fut] = (task, item, key, mt, path)
+                                      settings.thinking_budget if mode == "reasoning" else None,
+                                      settings.decoding(sample))
+                    futs[fut] = (task, item, key, mt, path, sample)
                 for fut in as_completed(futs):
-                    task, item, key, mt, path = futs[fut]
+                    task, item, key, mt, path, sample = futs[fut]
                     started, ended, comp, err = fut.result()
                     tw = run.task_wall.setdefault(task.name, [started, ended])
                     tw[0], tw[1] = min(tw[0], started), max(tw[1], ended)
@@ -271,6 +304,7 @@ def run_eval(client, tasks: list[tuple[Task, list[Item]]], modes: list[str], out
                                                            "error": err, "time": time.time()}, lock)
                     else:
                         rec = _score(task, item, mode, key, mt, comp)
+                        rec["sample"] = sample
                         _append(path, rec, lock)
                         records[(task.name, mode)][key] = rec
                         run.generated += 1
@@ -347,14 +381,22 @@ class _progress:
 GROUP_KEYS = ("subject", "category", "domain", "kind", "data_source", "difficulty")
 
 def aggregate(task: Task, recs: list[dict], n_items: int) -> dict:
-    n = len(recs)
+    by_item: dict[str, list[float]] = {}
+    for r in recs:
+        by_item.setdefault(r["id"], []).append(r["score"])
+    n = len(by_item)
     mean = lambda xs: (sum(xs) / len(xs)) if xs else None
+    # score: per item the mean over its samples (avg@k = the pass@1 estimate), then over items
     out = {"title": task.title, "kind": task.kind, "metric": task.metric, "n": n, "n_items": n_items,
-           "score": None if not n else 100.0 * sum(r["score"] for r in recs) / n,
+           "samples": len(recs),
+           "score": None if not n else 100.0 * sum(sum(v) / len(v) for v in by_item.values()) / n,
            "avg_completion_tokens": mean([r["completion_tokens"] for r in recs]),
            "avg_reasoning_tokens": mean([r["reasoning_tokens"] for r in recs]),
            "avg_seconds": mean([r["seconds"] for r in recs]),
            "truncated": sum(1 for r in recs if r.get("finish_reason") == "length")}
+    k = min((len(v) for v in by_item.values()), default=1)
+    if k > 1:  # pass@k over the samples: an item counts when any of its samples is right
+        out[f"pass@{k}"] = 100.0 * sum(any(s >= 1.0 for s in v) for v in by_item.values()) / n
     groups: dict[str, list[float]] = {}
     for r in recs:  # per subject / category / generator, when the items carry one
         meta = r.get("meta") or {}
@@ -366,7 +408,7 @@ def aggregate(task: Task, recs: list[dict], n_items: int) -> dict:
     if task.kind == "ifeval" and n:
         d = [r["details"] for r in recs if isinstance(r.get("details"), dict) and "strict" in r["details"]]
         inst = lambda k: 100.0 * sum(sum(x[k]) for x in d) / max(1, sum(len(x[k]) for x in d))
-        out.update(prompt_strict=100.0 * sum(x["prompt_strict"] for x in d) / n,
-                   prompt_loose=100.0 * sum(x["prompt_loose"] for x in d) / n,
+        out.update(prompt_strict=100.0 * sum(x["prompt_strict"] for x in d) / max(1, len(d)),
+                   prompt_loose=100.0 * sum(x["prompt_loose"] for x in d) / max(1, len(d)),
                    inst_strict=inst("strict"), inst_loose=inst("loose"))
     return out
