@@ -55,6 +55,7 @@ def test_models_health_openapi(server, client):
     props = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"thinking_token_budget", "max_thinking_tokens", "reasoning_effort", "chat_template_kwargs",
             "enable_thinking"} <= set(props)
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
     price = httpx.get(server.base_url + "/pricing").json()
     assert price["model"] == MODEL_NAME and price["price"]["completion"] > 0
 

@@ -102,6 +102,7 @@ def test_auth_errors(server):
     _error(_post(server, {"messages": USER}, key=None), 401, code="invalid_api_key")
     _error(_post(server, {"messages": USER}, key="sk-exa-not-a-real-key"), 401, code="invalid_api_key")
     _error(httpx.get(server.base_url + "/models"), 401, code="invalid_api_key")
+    _error(_post(server, {"messages": "not a list", "temperature": "hot"}, key=None), 401)  # the key comes first
     bad = openai.OpenAI(base_url=server.base_url, api_key="sk-exa-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=1)

@@ -20,9 +20,10 @@ import uuid
 from pathlib import Path
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine_types import ContextLengthError
@@ -35,6 +36,7 @@ log = logging.getLogger("exaone.server")
 PLAYGROUND = Path(__file__).with_name("playground.html")
 DISCONNECT_POLL_S = 0.5   # how often a non-streamed request checks that its client is still there
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_BEARER = HTTPBearer(auto_error=False, description="an API key made by `exaone keys create NAME`")
 
 
 class APIError(Exception):
@@ -91,12 +93,10 @@ class _Server:
         self.metrics = Metrics(getattr(backend, "stats", None))
 
     # ---- admission ---------------------------------------------------------------------------
-    async def authenticate(self, request: Request):
+    async def authenticate(self, request: Request, creds: HTTPAuthorizationCredentials | None = Security(_BEARER)):
         if self.no_auth:
             return None
-        header = request.headers.get("authorization", "")
-        scheme, _, secret = header.partition(" ")
-        secret = secret.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+        secret = creds.credentials.strip() if creds is not None else request.headers.get("x-api-key", "")
         if not secret:
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>' (create one with "
                                 "`exaone keys create NAME`)", code="invalid_api_key")
@@ -128,8 +128,7 @@ class _Server:
             raise APIError(429, e.message, type="insufficient_quota", code="insufficient_quota") from None
 
     # ---- one generation ----------------------------------------------------------------------
-    async def run(self, request: Request, endpoint: str, body, prepare) -> Response:
-        key = await self.authenticate(request)
+    async def run(self, request: Request, key, endpoint: str, body, prepare) -> Response:
         model = self.check_model(body.model)
         try:
             prep: Prepared = await asyncio.to_thread(prepare, body)
@@ -279,6 +278,8 @@ def create_app(backend, ledger=None, no_auth: bool = False, limiter=None, pricin
     app = FastAPI(title="exaone", version=_version(),
                   description="OpenAI-compatible API for EXAONE 4.0 with reasoning control and metering.")
     app.state.server = srv
+    # A dependency, so that the key is checked before the body is validated, as OpenAI does.
+    Key = Depends(srv.authenticate)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -317,13 +318,11 @@ def create_app(backend, ledger=None, no_auth: bool = False, limiter=None, pricin
         return Response(srv.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        await srv.authenticate(request)
+    async def models(key=Key):
         return {"object": "list", "data": [_model_card(backend)]}
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, request: Request):
-        await srv.authenticate(request)
+    async def model(model_id: str, key=Key):
         srv.check_model(model_id)
         return _model_card(backend)
 
@@ -339,12 +338,12 @@ def create_app(backend, ledger=None, no_auth: bool = False, limiter=None, pricin
                           "completion": float(price.completion)}}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await srv.run(request, "chat", body, backend.prepare_chat)
+    async def chat_completions(body: ChatCompletionRequest, request: Request, key=Key):
+        return await srv.run(request, key, "chat", body, backend.prepare_chat)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await srv.run(request, "completions", body, backend.prepare_completion)
+    async def completions(body: CompletionRequest, request: Request, key=Key):
+        return await srv.run(request, key, "completions", body, backend.prepare_completion)
 
     return app
 
