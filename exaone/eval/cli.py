@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_TASKS = "nano,ifeval,humaneval,mmath_en,mmath_ko"
+DEMO_TASKS = "nano"                                          # the demo model's own held-out problems
+DEFAULT_TASKS = "ifeval,humaneval,aime,math500,mmath_ko"     # the benchmarks that ship / install offline
 
 
 def add_arguments(p) -> None:
@@ -20,10 +21,13 @@ def add_arguments(p) -> None:
     p.add_argument("--api-key", default=None, help="bearer token for --endpoint (or $EXAONE_API_KEY)")
     p.add_argument("--served-model", default=None, metavar="NAME", help="model name at the endpoint "
                    "(default: the first of GET /v1/models)")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated (default: {DEFAULT_TASKS}); "
-                   "--list-tasks shows all")
+    p.add_argument("--tasks", default=None, help=f"comma-separated (default: {DEMO_TASKS} for the embedded demo "
+                   f"model, else {DEFAULT_TASKS}); --list-tasks shows all")
     p.add_argument("--mode", choices=["reasoning", "non-reasoning", "both"], default="both")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task")
+    p.add_argument("--date-range", default=None, metavar="START:END",
+                   help="keep dated items (LiveCodeBench contest_date) with START <= date < END, ISO dates; "
+                        "either side may be empty. LiveCodeBench v6 as in the card: 2025-02-01:2025-05-01")
     p.add_argument("--concurrency", type=int, default=8, metavar="K", help="requests in flight (= engine batch)")
     p.add_argument("--out", default="runs/eval", metavar="DIR", help="results, logs and the resume cache")
     p.add_argument("--data-dir", default=None, metavar="DIR",
@@ -54,6 +58,19 @@ def list_tasks() -> str:
     return "\n".join(f"{n:<{w}}  {t.kind:<9} {t.title:<20} {t.source}" for n, t in TASKS.items())
 
 
+def filter_dates(items, spec: str):
+    """Items whose meta `contest_date` lies in [START, END); undated items are kept."""
+    start, sep, end = spec.partition(":")
+    if not sep:
+        raise ValueError(f"--date-range must be START:END (ISO dates, either may be empty), got {spec!r}")
+    out = []
+    for it in items:
+        d = str(it.meta.get("contest_date") or "")[:10]
+        if not d or ((not start or d >= start) and (not end or d < end)):
+            out.append(it)
+    return out
+
+
 def run(args) -> int:
     import datetime
     import os
@@ -78,10 +95,14 @@ def run(args) -> int:
         raise ValueError("--samples N > 1 needs --temperature > 0 (greedy samples would all be the same)")
     modes = list(MODES) if args.mode == "both" else [args.mode]
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else data_dir_default()
-    tasks = get_tasks(args.tasks)
+    demo = args.model is None and args.endpoint is None
+    tasks = get_tasks(args.tasks or (DEMO_TASKS if demo else DEFAULT_TASKS))
     loaded = []
     for t in tasks:
-        items = t.load(data_dir, args.limit)
+        items = t.load(data_dir)
+        if args.date_range:
+            items = filter_dates(items, args.date_range)
+        items = items[:args.limit] if args.limit else items
         if not items:
             raise ValueError(f"{t.name}: no items")
         loaded.append((t, items))
@@ -125,7 +146,7 @@ def run(args) -> int:
                      "presence_penalty": settings.presence_penalty, "samples": settings.samples, "seed": settings.seed,
                      "max_tokens": settings.max_tokens,
                      "thinking_budget": settings.thinking_budget, "concurrency": args.concurrency,
-                     "limit": args.limit, "data_dir": str(data_dir) if data_dir else None,
+                     "limit": args.limit, "date_range": args.date_range, "data_dir": str(data_dir) if data_dir else None,
                      "dtype": args.dtype, "device": args.device, "threads": args.threads,
                      "sandbox_network_isolation": " ".join(network_isolation()) or "socket guard only"},
         "load_seconds": round(load_s, 3), "runs": res["runs"], "tasks": per_task,
