@@ -184,10 +184,18 @@ def test_create_app_needs_ledger_or_no_auth(backend):
         create_app(backend)
 
 
-def test_no_auth_serves_without_key(backend):
-    with LiveServer(create_app(backend, no_auth=True)) as live:
-        r = httpx.post(live.base_url + "/chat/completions", json={"messages": USER, "max_tokens": 2})
+def test_no_auth_serves_without_key_and_cors(backend):
+    with LiveServer(create_app(backend, no_auth=True, cors_origins=["http://ui.example"])) as live:
+        r = httpx.post(live.base_url + "/chat/completions", json={"messages": USER, "max_tokens": 2},
+                       headers={"Origin": "http://ui.example"})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+        assert r.headers["access-control-allow-origin"] == "http://ui.example"
+        pre = httpx.options(live.base_url + "/chat/completions", headers={
+            "Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert pre.status_code == 200
+        other = httpx.get(live.url + "/health", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
 
 
 def test_serve_cli_refuses_without_keys(tmp_path, capsys):

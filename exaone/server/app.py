@@ -270,14 +270,20 @@ async def _watch_disconnect(request: Request, gen: Generation) -> None:
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-def create_app(backend, ledger=None, no_auth: bool = False, limiter=None, pricing=None) -> FastAPI:
-    """The app over a started backend. Without `no_auth` a ledger is needed (keys live there)."""
+def create_app(backend, ledger=None, no_auth: bool = False, limiter=None, pricing=None,
+               cors_origins: list[str] | None = None) -> FastAPI:
+    """The app over a started backend. Without `no_auth` a ledger is needed (keys live there).
+    `cors_origins`: web pages on other origins allowed to call the API ("*" for any)."""
     if ledger is None and not no_auth:
         raise ValueError("serving with API keys needs a ledger; pass no_auth=True to serve without keys")
     srv = _Server(backend, ledger, no_auth, limiter, pricing)
     app = FastAPI(title="exaone", version=_version(),
                   description="OpenAI-compatible API for EXAONE 4.0 with reasoning control and metering.")
     app.state.server = srv
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
     # A dependency, so that the key is checked before the body is validated, as OpenAI does.
     Key = Depends(srv.authenticate)
 

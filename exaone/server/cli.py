@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("--prices", default=None, metavar="FILE", help="prices per model, .json or .toml (see pricing.py)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (as stored)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
+                   help="let web pages from ORIGIN call the API (repeatable; '*' for any)")
     p.add_argument("--log-level", default="info")
 
 
@@ -42,7 +44,7 @@ def run(args) -> int:
         return 2
     backend = LocalBackend(args.model, dtype=args.dtype, max_batch=args.max_batch, device=args.device,
                            max_len=args.max_len, name=args.name).start()
-    app = create_app(backend, ledger=ledger, no_auth=args.no_auth, limiter=Limiter(ledger))
+    app = create_app(backend, ledger=ledger, no_auth=args.no_auth, limiter=Limiter(ledger), cors_origins=args.cors)
     print(f"exaone serve: {backend.model_name} on http://{args.host}:{args.port}  (playground at /, "
           f"ledger {ledger.display_url}{', no auth' if args.no_auth else ''})", file=sys.stderr)
     try:
