@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .tasks import CATEGORIES
+
 MODE_TITLES = {"reasoning": "Reasoning", "non-reasoning": "Non-Reasoning"}
 
 
@@ -38,8 +40,14 @@ def markdown(results: dict) -> str:
              f"limit {results['settings']['limit'] or 'none'}",
              "", "| Benchmark | " + " | ".join(MODE_TITLES.get(m, m) for m in modes) + " |",
              "|---|" + "---:|" * len(modes)]
-    for name, per_mode in tasks.items():
+    order = {c: i for i, c in enumerate(CATEGORIES)}
+    rows = sorted(tasks.items(), key=lambda kv: order.get(next(iter(kv[1].values())).get("category"), len(order)))
+    current = None
+    for name, per_mode in rows:  # sorted() is stable: the run's task order within a group
         first = next(iter(per_mode.values()))
+        if first.get("category") != current:
+            current = first.get("category")
+            lines.append(f"| ***{current}*** |" + " |" * len(modes))
         label = f"{first['title']} ({first['metric']})"
         cells = []
         for m in modes:

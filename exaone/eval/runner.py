@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .tasks import Item, Task
+from .tasks import Item, Task, category
 
 MODES = {"reasoning": True, "non-reasoning": False}
 
@@ -387,7 +387,8 @@ def aggregate(task: Task, recs: list[dict], n_items: int) -> dict:
     n = len(by_item)
     mean = lambda xs: (sum(xs) / len(xs)) if xs else None
     # score: per item the mean over its samples (avg@k = the pass@1 estimate), then over items
-    out = {"title": task.title, "kind": task.kind, "metric": task.metric, "n": n, "n_items": n_items,
+    out = {"title": task.title, "category": category(task.name), "kind": task.kind, "metric": task.metric,
+           "n": n, "n_items": n_items,
            "samples": len(recs),
            "score": None if not n else 100.0 * sum(sum(v) / len(v) for v in by_item.values()) / n,
            "avg_completion_tokens": mean([r["completion_tokens"] for r in recs]),

@@ -396,6 +396,16 @@ for _k in synthetic_task_names():
                                f"exaone.train.data held-out '{_k}' problems", _NANO_TOKENS)
 
 
+# The model card's row groups, in its order.
+CATEGORIES = ("World Knowledge", "Math/Coding", "Instruction Following", "Korean", "Synthetic (demo)")
+_CATEGORY = {"mmlu_redux": 0, "mmlu_pro": 0, "gpqa_diamond": 0, "aime": 1, "aime2025": 1, "math500": 1,
+             "mmath_en": 1, "humaneval": 1, "livecodebench": 1, "ifeval": 2, "kmmlu": 3, "mmath_ko": 3}
+
+
+def category(task_name: str) -> str:
+    return CATEGORIES[_CATEGORY.get(task_name, 4)]
+
+
 def get_tasks(names: str | list[str]) -> list[Task]:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
