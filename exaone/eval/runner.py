@@ -9,7 +9,8 @@ Two clients with one method, `complete(prompt, enable_thinking, max_tokens, thin
   `thinking_token_budget`.
 
 Generation runs in a thread pool of `concurrency`; scoring runs in the calling (main) thread,
-which math-verify's signal-based timeouts need. Every scored item is appended at once to
+which math-verify's signal-based timeouts need, except code, whose sandboxes run from a small
+pool of their own. Every scored item is appended at once to
 `OUT/items/<task>.<mode>.jsonl`; that log is also the cache: an item whose key (task, item,
 mode, prompt, model, settings) is already there is not generated again. Failed requests go to
 `OUT/errors.jsonl` and are retried by the next run. This module must not import the server.
@@ -28,6 +29,7 @@ from pathlib import Path
 from .tasks import Item, Task, category
 
 MODES = {"reasoning": True, "non-reasoning": False}
+CODE_SCORERS = max(1, min(4, (os.cpu_count() or 2) // 2))  # sandboxes run at once
 
 
 @dataclass(frozen=True)
@@ -285,9 +287,21 @@ def run_eval(client, tasks: list[tuple[Task, list[Item]]], modes: list[str], out
                         jobs.append((task, item, key, mt, path, sample))
         t0 = time.perf_counter()
         pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="exaone-eval")
+        # Code runs in subprocesses, so it is scored off the main thread (many tests per problem
+        # must not stall the next results); math-verify needs the main thread for its timeouts.
+        code_pool = ThreadPoolExecutor(max_workers=CODE_SCORERS, thread_name_prefix="exaone-eval-code")
         try:
             with _progress(progress, f"{mode}", len(jobs)) as bar:
-                futs = {}
+                def finish(task, item, key, mt, path, sample, comp, mode=mode, run=run, bar=bar):
+                    rec = _score(task, item, mode, key, mt, comp)
+                    rec["sample"] = sample
+                    _append(path, rec, lock)
+                    with lock:
+                        records[(task.name, mode)][key] = rec
+                        run.generated += 1
+                    bar(task.name)
+
+                futs, scoring = {}, []
                 for task, item, key, mt, path, sample in jobs:
                     fut = pool.submit(_timed, client.complete, item.prompt, MODES[mode], mt,
                                       settings.thinking_budget if mode == "reasoning" else None,
@@ -302,19 +316,21 @@ def run_eval(client, tasks: list[tuple[Task, list[Item]]], modes: list[str], out
                         run.errors += 1
                         _append(out_dir / "errors.jsonl", {"task": task.name, "id": item.id, "mode": mode,
                                                            "error": err, "time": time.time()}, lock)
+                        bar(task.name)
+                    elif task.kind == "code":
+                        scoring.append(code_pool.submit(finish, task, item, key, mt, path, sample, comp))
                     else:
-                        rec = _score(task, item, mode, key, mt, comp)
-                        rec["sample"] = sample
-                        _append(path, rec, lock)
-                        records[(task.name, mode)][key] = rec
-                        run.generated += 1
-                    bar(task.name)
+                        finish(task, item, key, mt, path, sample, comp)
+                for f in scoring:
+                    f.result()
         except BaseException:  # Ctrl-C: drop queued items, stop running ones; the logs keep what is done
             pool.shutdown(wait=False, cancel_futures=True)
+            code_pool.shutdown(wait=False, cancel_futures=True)
             getattr(client, "cancel_all", lambda: None)()
             raise
         finally:
             pool.shutdown(wait=True)
+            code_pool.shutdown(wait=True)
         run.wall_seconds = time.perf_counter() - t0
         run.task_wall = {k: v[1] - v[0] for k, v in run.task_wall.items()}
     return {"runs": {m: asdict(r) for m, r in runs.items()}, "records": records}
