@@ -28,3 +28,12 @@ def fresh_url(backend: str, tmp_path) -> str:
     finally:
         engine.dispose()
     return PG_URL
+
+
+def record_many(url: str, key_id: int, prefix: str, n: int) -> None:
+    """Child-process body for the multi-process test (module level, so it pickles for `spawn`)."""
+    from exaone.server.ledger import Ledger, UsageRecord
+    with Ledger(url) as ledger:
+        for i in range(n):
+            ledger.record(UsageRecord(key_id, "m", f"{prefix}-{i}", prompt_tokens=100 + i, completion_tokens=i))
+            ledger.record(UsageRecord(key_id, "m", f"shared-{i % 10}", prompt_tokens=1, completion_tokens=1))

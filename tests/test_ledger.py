@@ -182,6 +182,28 @@ def test_concurrent_records_sum_exactly(url):
         assert sum(r["cost_usd"] for r in ledger.usage()) == expected
 
 
+def test_processes_share_a_sqlite_ledger(tmp_path):
+    """The server and `exaone keys`/`usage` run as separate processes on one SQLite file."""
+    import multiprocessing
+    from ledger_db import record_many
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    with Ledger(url) as ledger:
+        key, _ = ledger.create_key("alice")
+    # fork: a fresh interpreter per child costs seconds; the children touch only SQLite.
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    procs = [ctx.Process(target=record_many, args=(url, key.id, f"p{j}", 30)) for j in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    pricing = Pricing()
+    expected = 2 * sum(pricing.cost("m", 100 + i, 0, i) for i in range(30)) + 10 * pricing.cost("m", 1, 0, 1)
+    with Ledger(url) as ledger:
+        assert len(ledger.usage()) == 2 * 30 + 10
+        assert ledger.spent(key.id) == expected and ledger.audit_spent() == {}
+
+
 def test_old_ledger_gains_running_totals(url):
     with Ledger(url) as ledger:
         key, _ = ledger.create_key("alice")
