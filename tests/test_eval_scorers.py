@@ -29,6 +29,11 @@ FIXTURES = Path(__file__).parent / "fixtures" / "eval"
     # reasoning that mentions other letters: only the part after </think> counts
     ("<think>\nMaybe A? Answer: A. No, B looks better.\n</think>\n\nAnswer: D", "ABCD", "D"),
     ("I think this is a hard question.", "ABCDEFGHIJ", None),   # the pronoun I is not option I
+    ("Answer: I think it is (B)", "ABCDEFGHIJ", "B"),
+    ("The answer is (I).", "ABCDEFGHIJ", "I"),
+    ("Answer: I", "ABCDEFGHIJ", "I"),
+    ("Answer: A is correct", "ABCD", "A"),
+    ("The correct answer is option C. Nitrogen", "ABCD", "C"),
     ("I cannot tell.", "ABCD", None),
     ("", "ABCD", None),
     ("Answer: E", "ABCD", None),                                 # not an option of this question

@@ -34,6 +34,11 @@ def _letters_class(letters: str) -> str:
     return "[" + letters + letters.lower() + "]"
 
 
+# "Answer: I think ..." is the pronoun, not option I (MMLU-Pro has ten options, A-J).
+_PRONOUN_I = re.compile(r"\s*(?:'m|'d|'ll|'ve|\s(?:think|believe|am|would|will|can|cannot|can't|guess|need|should|"
+                        r"have|was|do|don't|must|feel|suppose|choose|pick|select|say|go)\b)")
+
+
 def extract_choice(text: str, letters: str = "ABCD") -> str | None:
     """The chosen option letter, or None. The last match of the most trusted pattern wins."""
     t = answer_part(text).replace("**", "").replace("$", "")
@@ -48,9 +53,9 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
         rf"\(({L})\)",                                            # "(C)"
     ]
     for p in pats:
-        found = re.findall(p, t)
+        found = [m for m in re.finditer(p, t) if not _PRONOUN_I.match(t, m.end(1)) or m.group(1) != "I"]
         if found:
-            return found[-1].upper()
+            return found[-1].group(1).upper()
     # Last resort: the last standalone capital letter, but not the words "A ..." and "I ...".
     for m in reversed(list(re.finditer(rf"(?<![A-Za-z'’])({L})(?![A-Za-z'’])", t))):
         if m.group(1) in "AI" and re.match(r"\s+[a-z]", t[m.end():]):
