@@ -123,3 +123,11 @@ def test_usage_rejects_bad_arguments(capsys, tmp_path):
         with pytest.raises(SystemExit) as e:
             main(["usage", "--db", db, *bad])
         assert e.value.code == 2
+
+
+def test_unreachable_ledgers_fail_in_one_line(capsys, tmp_path):
+    rc, _, err = run(capsys, "keys", "list", "--db", f"sqlite:///{tmp_path / 'no' / 'such.db'}")
+    assert rc == 2 and "no directory" in err and "Traceback" not in err
+    pytest.importorskip("psycopg")
+    rc, _, err = run(capsys, "usage", "--db", "postgresql://nobody:secret@127.0.0.1:1/nothing")
+    assert rc == 1 and err.count("\n") == 1 and "secret" not in err  # the password stays hidden

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, Numeric, String, TypeDecorator,
                         create_engine, event, func, insert, inspect, select, update)
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
 
@@ -216,6 +216,10 @@ class UnknownKey(ValueError):
     pass
 
 
+class LedgerUnavailable(ConnectionError):
+    """The database cannot be reached or opened."""
+
+
 def _key(row: ApiKeyTable) -> ApiKey:
     return ApiKey(id=row.id, name=row.name, prefix=row.prefix, created_at=row.created_at,
                   revoked_at=row.revoked_at, rpm_limit=row.rpm_limit, tpm_limit=row.tpm_limit,
@@ -299,9 +303,18 @@ class Ledger:
     def __init__(self, url: str | None = None, pricing: Pricing | None = None):
         self.url = normalize_url(url)
         self.pricing = pricing or Pricing()
+        u = make_url(self.url)
+        if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:"):
+            folder = os.path.dirname(os.path.abspath(u.database))
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"ledger {self.display_url}: no directory {folder}")
         self.engine = make_engine(self.url)
-        Base.metadata.create_all(self.engine)
-        self._add_spent_column()
+        try:
+            Base.metadata.create_all(self.engine)
+            self._add_spent_column()
+        except OperationalError as e:  # server down, bad password, unwritable file: one line, not a trace
+            self.engine.dispose()
+            raise LedgerUnavailable(f"ledger {self.display_url}: {str(e.orig).strip().splitlines()[0]}") from e
 
     def _add_spent_column(self) -> None:
         """Ledgers made before api_keys.spent_usd existed: add it, filled from their usage rows."""

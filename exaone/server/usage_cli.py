@@ -43,9 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exaone.server.ledger import Ledger
+    from exaone.server.ledger import Ledger, LedgerUnavailable
 
-    with Ledger(args.db) as ledger:
+    try:
+        ledger = Ledger(args.db)
+    except LedgerUnavailable as e:
+        print(f"exaone {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    with ledger:
         rows = ledger.summary(group_by=args.by, since=args.since, until=args.until)
         where = ledger.display_url
     columns = [c for g in ("key", "model", "day") if g in args.by for c in GROUP_COLUMNS[g]] + list(SUMS)
