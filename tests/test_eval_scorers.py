@@ -113,6 +113,24 @@ def test_network_access_fails():
         assert not r.ok and "connected" not in r.stdout
 
 
+def test_detached_children_die_with_the_program():
+    import subprocess
+    import time
+
+    if "-p" not in network_isolation():
+        pytest.skip("no PID namespace on this machine")
+    marker = f"{time.time_ns() % 10 ** 6 + 1000}"
+    code = (f"import subprocess\nsubprocess.Popen(['setsid', 'sleep', '{marker}'], start_new_session=True)\n"
+            "print('spawned', flush=True)\nwhile True:\n    pass\n")
+    r = run_python(code, timeout=1.0)
+    assert r.status == "timeout" and "spawned" in r.stdout
+    time.sleep(0.3)
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True).stdout.split()
+    for pid in left:  # clean up before failing
+        subprocess.run(["kill", "-9", pid])
+    assert not left
+
+
 def test_sandbox_cwd_is_a_temp_dir_and_stdin_works():
     r = run_python("import os\nprint(os.listdir('.') == ['main.py', '_guard.py', '_stdin', '_stdout', '_stderr'] "
                    "or sorted(os.listdir('.')))\nprint(input()[::-1])", stdin="abc\n")

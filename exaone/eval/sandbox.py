@@ -8,7 +8,8 @@ determined attacker; run evals of untrusted models in a container or VM as well)
   CPU seconds, address space (memory), file size, no core dumps
 - a fresh temporary directory as the working directory, removed afterwards
 - no network: `unshare -n` (an empty network namespace; `unshare -rn` for non-root) when the
-  machine allows it; otherwise proxy variables are stripped. The guard also replaces
+  machine allows it, with a PID namespace (`-p -f --kill-child`) so that processes the program
+  detaches die with it; otherwise proxy variables are stripped. The guard also replaces
   `socket.socket` so that a connection attempt fails even where namespaces are unavailable.
 - `python -I` (isolated mode: no user site, PYTHON* variables ignored); stdout and stderr go to
   files capped by the file-size limit, so a print loop cannot fill our memory.
@@ -80,11 +81,15 @@ class SandboxResult:
 
 @functools.lru_cache(maxsize=None)
 def network_isolation() -> tuple[str, ...]:
-    """The command prefix that gives a child an empty network namespace, or () if none works."""
+    """The command prefix that gives a child an empty network namespace (and, where possible, a
+    PID namespace of its own), or () if none works."""
     exe = shutil.which("unshare")
     if exe is None:
         return ()
-    for prefix in ((exe, "-n"), (exe, "-rn")):
+    # With a PID namespace as well (-p -f --kill-child), every process the program starts dies
+    # with it, even one that left the process group (setsid, double fork).
+    for prefix in ((exe, "-n", "-p", "-f", "--kill-child"), (exe, "-rn", "-p", "-f", "--kill-child"),
+                   (exe, "-n"), (exe, "-rn")):
         try:
             r = subprocess.run([*prefix, sys.executable, "-c", "pass"], capture_output=True, timeout=20)
         except (OSError, subprocess.TimeoutExpired):
