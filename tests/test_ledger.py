@@ -96,6 +96,8 @@ def test_unknown_keys(ledger):
         ledger.create_key("  ")
     with pytest.raises(ValueError):
         ledger.create_key("x", rpm_limit=0)
+    with pytest.raises(ValueError):
+        ledger.create_key("x" * 201)  # longer than the column, which PostgreSQL would enforce
 
 
 # ---- usage -------------------------------------------------------------------------------
@@ -275,6 +277,8 @@ def test_usage_record_validation():
         UsageRecord(1, "m", "r", prompt_tokens=-1, completion_tokens=1)
     with pytest.raises(ValueError):
         UsageRecord(1, "m", "", prompt_tokens=1, completion_tokens=1)
+    with pytest.raises(ValueError):
+        UsageRecord(1, "m" * 201, "r", prompt_tokens=1, completion_tokens=1)
 
 
 # ---- SQLite specifics --------------------------------------------------------------------

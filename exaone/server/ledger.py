@@ -37,6 +37,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 STATUSES = ("ok", "cancelled", "error")
 GROUPS = ("key", "model", "day")
 DEFAULT_DB_URL = "sqlite:///exaone.db"
+MAX_NAME = 200  # key names, model names, request ids (VARCHAR length)
 
 
 def utcnow() -> dt.datetime:
@@ -104,7 +105,7 @@ class Base(DeclarativeBase):
 class ApiKeyTable(Base):
     __tablename__ = "api_keys"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(MAX_NAME))
     prefix: Mapped[str] = mapped_column(String(32), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -121,8 +122,8 @@ class UsageTable(Base):
     __tablename__ = "usage"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
-    model: Mapped[str] = mapped_column(String(200))
-    request_id: Mapped[str] = mapped_column(String(200), unique=True)
+    model: Mapped[str] = mapped_column(String(MAX_NAME))
+    request_id: Mapped[str] = mapped_column(String(MAX_NAME), unique=True)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger)
     cached_tokens: Mapped[int] = mapped_column(BigInteger)
     completion_tokens: Mapped[int] = mapped_column(BigInteger)
@@ -185,8 +186,9 @@ class UsageRecord:
                              f"({self.completion_tokens})")
         if self.status not in STATUSES:
             raise ValueError(f"status: one of {STATUSES}, got {self.status!r}")
-        if not self.request_id:
-            raise ValueError("request_id must not be empty")
+        for f in ("model", "request_id"):
+            if not getattr(self, f) or len(getattr(self, f)) > MAX_NAME:
+                raise ValueError(f"{f}: 1 to {MAX_NAME} characters, got {getattr(self, f)!r:.60}")
 
 
 @dataclass(frozen=True)
@@ -348,8 +350,8 @@ class Ledger:
     def create_key(self, name: str, rpm_limit: int | None = None, tpm_limit: int | None = None,
                    budget_usd: Decimal | str | int | None = None) -> tuple[ApiKey, str]:
         """A new key and its secret. The secret is returned once and stored only as a hash."""
-        if not name or not name.strip():
-            raise ValueError("key name must not be empty")
+        if not name or not name.strip() or len(name.strip()) > MAX_NAME:
+            raise ValueError(f"key name: 1 to {MAX_NAME} characters, got {len(name or '')}")
         limits = _limits(rpm_limit=rpm_limit, tpm_limit=tpm_limit, budget_usd=budget_usd)
         secret = SECRET_PREFIX + secrets.token_urlsafe(SECRET_RANDOM_CHARS * 3 // 4)
         with self.engine.begin() as conn:
@@ -378,7 +380,7 @@ class Ledger:
         if not rows:
             raise UnknownKey(f"no API key with id or prefix {id_or_prefix!r}")
         if len(rows) > 1:
-            raise UnknownKey(f"prefix {id_or_prefix!r} matches keys {[r.id for r in rows]}: revoke by id")
+            raise UnknownKey(f"prefix {id_or_prefix!r} matches keys {[r.id for r in rows]}: use the id")
         return _key(rows[0])
 
     def revoke_key(self, id_or_prefix: int | str) -> ApiKey:
