@@ -58,6 +58,19 @@ def list_tasks() -> str:
     return "\n".join(f"{n:<{w}}  {t.kind:<9} {t.title:<20} {t.source}" for n, t in TASKS.items())
 
 
+# What each task kind needs beyond the core install (`pip install 'exaone[eval]'`).
+NEEDS = {"math": ("math_verify",), "ifeval": ("langdetect", "nltk")}
+
+
+def check_requirements(tasks) -> None:
+    import importlib.util
+
+    missing = sorted({m for t in tasks for m in NEEDS.get(t.kind, ()) if importlib.util.find_spec(m) is None})
+    if missing:
+        raise ValueError(f"{', '.join(t.name for t in tasks if set(NEEDS.get(t.kind, ())) & set(missing))} "
+                         f"need(s) {', '.join(missing)}: pip install 'exaone[eval]'")
+
+
 def filter_dates(items, spec: str):
     """Items whose meta `contest_date` lies in [START, END); undated items are kept."""
     start, sep, end = spec.partition(":")
@@ -97,6 +110,7 @@ def run(args) -> int:
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else data_dir_default()
     demo = args.model is None and args.endpoint is None
     tasks = get_tasks(args.tasks or (DEMO_TASKS if demo else DEFAULT_TASKS))
+    check_requirements(tasks)
     loaded = []
     for t in tasks:
         items = t.load(data_dir)

@@ -90,8 +90,11 @@ def count_words(text: str) -> int:
 
 
 def _detect_language(text: str) -> str | None:
-    import langdetect
-    from langdetect import DetectorFactory
+    try:
+        import langdetect
+        from langdetect import DetectorFactory
+    except ImportError as e:  # never guess a verdict: the item records a scorer error instead
+        raise ImportError("IFEval's language checks need langdetect: pip install 'exaone[eval]'") from e
 
     DetectorFactory.seed = 0
     try:
