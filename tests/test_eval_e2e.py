@@ -217,3 +217,28 @@ def test_date_range_filter():
     assert len(filter_dates(TASKS["aime"].load(), "2025-02-01:")) == 45  # undated items are kept
     with pytest.raises(ValueError):
         filter_dates(lcb, "2025-02-01")
+
+
+def test_crash_cut_log_line_is_redone_once(tmp_path):
+    """A log line cut short by a crash is ignored, and the next append starts on a new line."""
+    task = TASKS["mmlu_redux"]
+    items = task.load(FIXTURES, 2)
+    client = OracleClient({it.prompt: (task, it) for it in items})
+    run_eval(client, [(task, items)], ["non-reasoning"], tmp_path, Settings(), concurrency=1, progress=False)
+    log = tmp_path / "items" / "mmlu_redux.non-reasoning.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text(lines[0] + "\n" + lines[1][:40])  # the second record, cut mid-line
+    res = run_eval(client, [(task, items)], ["non-reasoning"], tmp_path, Settings(), concurrency=1, progress=False)
+    assert res["runs"]["non-reasoning"]["generated"] == 1 and res["runs"]["non-reasoning"]["cached"] == 1
+    res = run_eval(client, [(task, items)], ["non-reasoning"], tmp_path, Settings(), concurrency=1, progress=False)
+    assert res["runs"]["non-reasoning"]["generated"] == 0
+
+
+def test_task_aliases():
+    from exaone.eval.tasks import get_tasks
+
+    assert [t.name for t in get_tasks("card")] == ["mmlu_redux", "mmlu_pro", "livecodebench", "gpqa_diamond",
+                                                   "aime2025", "ifeval"]
+    assert [t.name for t in get_tasks("ifeval,offline")][:2] == ["ifeval", "humaneval"]
+    with pytest.raises(ValueError, match="unknown task"):
+        get_tasks("mmlu")

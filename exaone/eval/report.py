@@ -13,6 +13,11 @@ from pathlib import Path
 
 from .tasks import CATEGORIES
 
+# EXAONE 4.0 32B, the launch announcement's headline numbers (shared/research/exaone4-facts.md),
+# shown under the table for orientation only: other model, other decoding, other data versions.
+PUBLISHED_32B = {"mmlu_redux": 92.3, "mmlu_pro": 81.8, "livecodebench": 66.7, "gpqa_diamond": 75.4,
+                 "aime2025": 85.3, "ifeval": 83.7}
+
 MODE_TITLES = {"reasoning": "Reasoning", "non-reasoning": "Non-Reasoning"}
 
 
@@ -82,6 +87,11 @@ def markdown(results: dict) -> str:
         lines += ["IFEval detail (prompt strict / prompt loose / instruction strict / instruction loose):", ""]
         lines += [f"- {MODE_TITLES.get(m, m)}: {_fmt(r['prompt_strict'])} / {_fmt(r['prompt_loose'])} / "
                   f"{_fmt(r['inst_strict'])} / {_fmt(r['inst_loose'])}" for m, r in ife]
+        lines.append("")
+    ref = [(tasks[n][next(iter(tasks[n]))]["title"], v) for n, v in PUBLISHED_32B.items() if n in tasks]
+    if ref:
+        lines.append("For orientation, EXAONE 4.0 32B as published (reasoning mode, sampled; LiveCodeBench v6): "
+                     + ", ".join(f"{t} {v}" for t, v in ref) + ".")
         lines.append("")
     trunc = [(name, m, r["truncated"], r["n"]) for name, pm in tasks.items() for m, r in pm.items() if r["truncated"]]
     if trunc:

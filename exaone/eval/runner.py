@@ -242,6 +242,12 @@ def item_key(model: str, task: Task, item: Item, mode: str, max_tokens: int, set
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
+    with open(path, "rb+") as f:  # a line cut short by a crash: end it, so the next append starts clean
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     out = []
     for ln in path.read_text(encoding="utf-8").splitlines():
         try:

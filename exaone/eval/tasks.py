@@ -406,9 +406,17 @@ def category(task_name: str) -> str:
     return CATEGORIES[_CATEGORY.get(task_name, 4)]
 
 
+# Task lists by name: the model card's six headline benchmarks, and what runs offline out of the box.
+ALIASES = {"card": ["mmlu_redux", "mmlu_pro", "livecodebench", "gpqa_diamond", "aime2025", "ifeval"],
+           "offline": ["ifeval", "humaneval", "aime", "math500", "mmath_ko"],
+           "korean": ["kmmlu", "mmath_ko"]}
+
+
 def get_tasks(names: str | list[str]) -> list[Task]:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
+    names = [m for n in names for m in ALIASES.get(n, [n])]
+    names = list(dict.fromkeys(names))  # once each, in order
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
