@@ -33,6 +33,7 @@ import torch
 
 from .detokenizer import StreamingDetokenizer
 from .engine_types import ContextLengthError, EngineStats, Output, RequestHandle
+from .prefix_cache import BLOCK_SIZE, PREFIX_CACHE_BYTES, PrefixCache
 from .reasoning import THINK_CLOSE, THINK_END_FORCED
 from .sampling import Sampler, SamplingParams, StopMatcher, sample_batch
 
@@ -49,6 +50,7 @@ class _Request:
         self.t0 = time.perf_counter()
         self.row = -1           # cache row while being prefilled
         self.prefilled = 0      # prompt tokens already in the cache
+        self.cached = 0         # of which restored from the prefix cache
         self.seqs: list[_Seq] = []
 
 
@@ -77,10 +79,12 @@ class _Seq:
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  prefill_chunk: int = 512, think_end_ids: Sequence[int] | None = None,
-                 think_end_forced_ids: Sequence[int] | None = None):
+                 think_end_forced_ids: Sequence[int] | None = None,
+                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES, prefix_block_size: int = BLOCK_SIZE):
         """`think_end_ids`: the ids of `</think>` (default: encoded by the tokenizer);
         `think_end_forced_ids`: what a spent thinking budget forces (default: THINK_END_FORCED
-        encoded, or `think_end_ids` without a tokenizer)."""
+        encoded, or `think_end_ids` without a tokenizer); `prefix_cache_bytes`: budget of the
+        prefix cache (0 disables it), see prefix_cache.py."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model = model
@@ -100,6 +104,8 @@ class Engine:
         if bad:
             raise ValueError(f"end-of-thinking ids must be in [0, {cfg.vocab_size}), got {bad}")
         self.cache = model.make_cache(rows=max_batch, max_len=self.max_len)
+        self.prefix_cache = (PrefixCache(self.cache, prefix_cache_bytes, prefix_block_size)
+                             if prefix_cache_bytes > 0 else None)
         self.device = model.device
 
         self.running: list[_Seq] = []       # index = cache row
@@ -114,7 +120,7 @@ class Engine:
         self._stopping = False
         self.counters = dict(steps=0, decode_steps=0, prefill_chunks=0, prompt_tokens=0,
                              tokens_generated=0, batch_tokens=0, max_batch_seen=0,
-                             requests_finished=0, requests_cancelled=0)
+                             requests_finished=0, requests_cancelled=0, cached_tokens=0)
 
     # ---- public API ------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
@@ -202,6 +208,7 @@ class Engine:
         running = len(self.running)
         return EngineStats(running=running, waiting=waiting, prefilling=int(pre is not None),
                            free_slots=self.max_batch - running - reserved, max_batch=self.max_batch,
+                           prefix_cache_bytes=self.prefix_cache.nbytes if self.prefix_cache else 0,
                            **self.counters)
 
     # ---- threads ---------------------------------------------------------------------------
@@ -280,18 +287,24 @@ class Engine:
                     return None
                 req = self._waiting.popleft()
             req.row, req.prefilled = len(self.running), 0
+            if self.prefix_cache is not None:  # a cached prefix is copied in, not prefilled
+                req.cached = req.prefilled = self.prefix_cache.restore(req.row, req.prompt)
+                self.counters["cached_tokens"] += req.cached
             self.prefilling = req
         return self.prefilling
 
     def _prefill_chunk(self, req: _Request) -> None:
-        s = req.prefilled
-        part = req.prompt[s:s + self.prefill_chunk]
+        s, pc = req.prefilled, self.prefix_cache
+        e = pc.chunk_end(s, len(req.prompt), self.prefill_chunk) if pc else s + self.prefill_chunk
+        part = req.prompt[s:e]
         ids = torch.tensor([part], device=self.device)
         pos = torch.arange(s, s + len(part), device=self.device)[None]
         logits = self.model(ids, position_ids=pos, cache=self.cache, rows=slice(req.row, req.row + 1),
                             last_only=True)
         req.prefilled += len(part)
         self.counters["prefill_chunks"] += 1
+        if pc is not None:
+            pc.store(req.row, req.prompt, s, req.prefilled)
         if req.prefilled < len(req.prompt):
             return
         # Prompt done: fork into n rows, each sequence samples its first token from these logits.
@@ -312,8 +325,11 @@ class Engine:
         toks = torch.tensor([[s.pending] for s in seqs], device=self.device)
         pos = torch.tensor([[s.n_fed] for s in seqs], device=self.device)
         logits = self.model(toks, position_ids=pos, cache=self.cache, rows=slice(0, B))[:, -1]
-        for s in seqs:
+        pc = self.prefix_cache
+        for r, s in enumerate(seqs):
             s.n_fed += 1
+            if pc is not None and s.n_fed % pc.block_size == 0:  # generated tokens completed a block
+                pc.store(r, s.req.prompt + s.output, s.n_fed - 1, s.n_fed)
         c = self.counters
         c["decode_steps"] += 1
         c["batch_tokens"] += B
@@ -401,7 +417,7 @@ class Engine:
             s.t_first = now
         ttft = None if s.t_first is None else s.t_first - req.t0
         out = Output(req.id, s.index, tok, text, lp, top, reason, len(req.prompt), len(s.output),
-                     s.reasoning_tokens, forced, ttft, now - req.t0, error)
+                     s.reasoning_tokens, forced, ttft, now - req.t0, error, req.cached)
         if reason is not None and all(q.done for q in req.seqs):
             with self._mutex:
                 self._live.pop(req.id, None)

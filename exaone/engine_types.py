@@ -42,6 +42,7 @@ class Output:
     time_to_first_token: float | None   # seconds from submit to this sequence's first token
     elapsed: float                      # seconds from submit to this record
     error: str | None = None
+    cached_tokens: int = 0              # prompt tokens restored from the prefix cache, not prefilled
 
     @property
     def finished(self) -> bool:
@@ -64,6 +65,8 @@ class EngineStats:
     max_batch_seen: int
     requests_finished: int
     requests_cancelled: int
+    cached_tokens: int = 0      # prompt tokens served from the prefix cache
+    prefix_cache_bytes: int = 0  # bytes the prefix cache holds now
 
 
 _END = object()
