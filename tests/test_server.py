@@ -98,6 +98,16 @@ def test_chat_thinking_budget(server, client, backend):
     assert _row(server, r.id)["reasoning_tokens"] == rt
 
 
+def test_include_reasoning_false(client):
+    r = client.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=6, seed=3,
+                                       response_format={"type": "text"},
+                                       extra_body={"enable_thinking": True, "thinking_token_budget": 2,
+                                                   "include_reasoning": False, "ignore_eos": True})
+    msg = r.choices[0].message
+    assert msg.model_extra["reasoning_content"] is None and msg.model_extra["reasoning"] is None
+    assert r.usage.completion_tokens_details.reasoning_tokens >= 2  # still counted and billed
+
+
 def test_chat_stream_thinking(server):
     body = {"model": MODEL_NAME, "messages": USER, "max_tokens": 10, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}, "thinking": True, "max_thinking_tokens": 2, "seed": 4}

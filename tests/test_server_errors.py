@@ -57,6 +57,8 @@ def _error(resp, status, code=None, param=None):
     ({"messages": USER, "seed": 2 ** 70}, "seed"),
     ({"messages": USER, "chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs.enable_thinking"),
     ({"messages": USER, "stream_options": {"include_usage": "x"}}, "stream_options.include_usage"),
+    ({"messages": USER, "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": USER, "max_tokens": 0}, "max_tokens"),
     ({"messages": USER, "max_completion_tokens": -1}, "max_completion_tokens"),
     ({"messages": USER, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
@@ -253,7 +255,7 @@ def test_metrics(server):
     for name in ("exaone_requests_total", "exaone_prompt_tokens_total", "exaone_completion_tokens_total",
                  "exaone_reasoning_tokens_total", "exaone_request_latency_seconds_bucket",
                  "exaone_time_to_first_token_seconds_bucket", "exaone_queue_depth", "exaone_running_batch_size",
-                 "exaone_free_slots"):
+                 "exaone_free_slots", "exaone_requests_in_flight"):
         assert name in text, name
     assert 'exaone_requests_total{endpoint="chat",status="ok"}' in text
     assert 'exaone_requests_total{endpoint="chat",status="400"}' in text

@@ -150,6 +150,7 @@ class _Server:
             param = "n" if msg.startswith("n=") else ("prompt" if "prompt" in msg else None)
             raise APIError(400, msg, param=param) from None
         run = _Run(self, gen, key, model, endpoint, started, time.perf_counter())
+        self.metrics.started()
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -159,7 +160,7 @@ class _Server:
 
     async def complete(self, request, run: "_Run", rid, model, created, prep) -> JSONResponse:
         gen = run.gen
-        acc = Accumulator(gen.n, prep.params.enable_thinking)
+        acc = Accumulator(gen.n, prep.params.enable_thinking and prep.include_reasoning)
         watcher = asyncio.create_task(_watch_disconnect(request, gen))
         try:
             async for piece in gen:

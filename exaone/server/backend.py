@@ -48,6 +48,7 @@ class Prepared:
     tools: bool             # parse tool calls into `tool_calls`
     param_names: dict       # SamplingParams field -> the request field it came from
     max_len: int            # the context length: no sequence grows past it
+    include_reasoning: bool = True
 
     @property
     def estimated_tokens(self) -> int:
@@ -90,7 +91,17 @@ def _tools(req: ChatCompletionRequest) -> list[dict] | None:
     return tools
 
 
+def _refuse_unsupported(req) -> None:
+    """Fields we cannot honour are refused, not silently ignored: the answer would not be what was asked."""
+    if req.logit_bias:
+        raise RequestError("logit_bias is not supported", "logit_bias")
+    fmt = getattr(req, "response_format", None)
+    if fmt and fmt.get("type", "text") != "text":
+        raise RequestError(f"response_format {fmt.get('type')!r} is not supported (only 'text')", "response_format")
+
+
 def _common_params(req, **extra) -> dict:
+    _refuse_unsupported(req)
     kw = dict(temperature=req.temperature, top_p=req.top_p, n=req.n, stop=req.stop, seed=req.seed,
               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
               top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
@@ -114,9 +125,10 @@ class Generation:
     """One request's stream: engine `Output`s in, `Piece`s out; the counts to bill."""
 
     def __init__(self, handle: RequestHandle, token_text: Callable[[int], str], *, chat: bool,
-                 enable_thinking: bool, tools: bool):
+                 enable_thinking: bool, tools: bool, include_reasoning: bool = True):
         self.handle, self.token_text = handle, token_text
         self.chat, self.enable_thinking, self.tools = chat, enable_thinking, tools
+        self.include_reasoning = include_reasoning
         self.n = handle.n
         self.parsers = [ReasoningParser(enable_thinking) for _ in range(self.n)] if chat else None
         self.last: dict[int, Output] = {}
@@ -145,7 +157,8 @@ class Generation:
                 events += parser.finish()
             for ev in events:
                 if ev.kind == "reasoning":
-                    p.reasoning += ev.text
+                    if self.include_reasoning:
+                        p.reasoning += ev.text
                 elif ev.kind == "content":
                     p.content += ev.text
                 elif self.tools:
@@ -251,7 +264,7 @@ class LocalBackend:
                             enable_thinking=rc.enable_thinking,
                             thinking_budget=rc.budget if rc.enable_thinking else None)
         return Prepared(ids, _params(kw, len(ids), self.max_len, names), chat=True, tools=tools is not None,
-                        param_names=names, max_len=self.max_len)
+                        param_names=names, max_len=self.max_len, include_reasoning=req.include_reasoning)
 
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
         prompt = req.prompt
@@ -284,4 +297,4 @@ class LocalBackend:
         """Enqueue; raises ContextLengthError (prompt too long) or ValueError (e.g. n > max_batch)."""
         handle = self.engine.submit(prep.prompt_ids, prep.params, request_id=request_id)
         return Generation(handle, self.token_text, chat=prep.chat, enable_thinking=prep.params.enable_thinking,
-                          tools=prep.tools)
+                          tools=prep.tools, include_reasoning=prep.include_reasoning)

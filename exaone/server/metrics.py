@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 disable_created_metrics()  # the *_created series only add noise to a scrape
@@ -53,6 +53,7 @@ class Metrics:
         self.completion_tokens = Counter("exaone_completion_tokens", "generated tokens, reasoning included",
                                          registry=r)
         self.reasoning_tokens = Counter("exaone_reasoning_tokens", "reasoning tokens", registry=r)
+        self.in_flight = Gauge("exaone_requests_in_flight", "admitted requests not finished yet", registry=r)
         self.latency = Histogram("exaone_request_latency_seconds", "request latency, submit to last token",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("exaone_time_to_first_token_seconds", "time to first token", ["endpoint"],
@@ -60,7 +61,11 @@ class Metrics:
         if engine_stats is not None:
             r.register(_EngineCollector(engine_stats))
 
+    def started(self) -> None:
+        self.in_flight.inc()
+
     def finished(self, endpoint: str, status: str, usage, latency: float, ttft: float | None) -> None:
+        self.in_flight.dec()
         self.requests.labels(endpoint, status).inc()
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.completion_tokens.inc(usage.completion_tokens)

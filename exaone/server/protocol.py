@@ -103,6 +103,7 @@ class _SamplingFields(_Strict):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    logit_bias: dict[str, float] | None = None  # not supported: refused unless empty
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -113,6 +114,8 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}: no constrained decoding yet
+    include_reasoning: bool = True  # vLLM: false leaves the reasoning out of the response (still billed)
     # reasoning control, every form clients send
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None
