@@ -22,6 +22,7 @@ COMMANDS = {
     "usage": ("exaone.server.usage_cli", "usage and billing report"),
     "eval": ("exaone.eval.cli", "benchmark a model in reasoning and non-reasoning mode"),
     "bench": ("exaone.commands.bench", "speed benchmark (see bench/)"),
+    "export": ("exaone.commands.export", "export a checkpoint: GGUF for llama.cpp, or int8/int4 weight-only"),
 }
 
 

@@ -1,0 +1,33 @@
+"""`exaone export`: write a checkpoint in another format.
+
+  --format gguf             one .gguf file for llama.cpp (needs `pip install 'exaone[gguf]'`)
+  --format int8 | int4      a weight-only quantized checkpoint directory (exaone.quant)
+"""
+from __future__ import annotations
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--format", required=True, choices=["gguf", "int8", "int4"])
+    p.add_argument("--model", required=True, help="checkpoint directory to read")
+    p.add_argument("--out", required=True, help="output .gguf file (gguf) or directory (int8/int4)")
+    p.add_argument("--outtype", default="f16", choices=["f32", "f16", "q8_0"], help="gguf: tensor type of the matrices")
+    p.add_argument("--force", action="store_true",
+                   help="gguf: write a hybrid model llama.cpp would run without sliding windows (see docs/quantization.md)")
+    p.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale (32, 64, 128, 256)")
+    p.add_argument("--lm-head", action="store_true", help="int8/int4: quantize lm_head too")
+
+
+def run(args) -> int:
+    if args.format == "gguf":
+        from ..export_gguf import export_gguf
+
+        path = export_gguf(args.model, args.out, outtype=args.outtype, force=args.force)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.outtype})")
+        return 0
+    from ..loader import load
+    from ..quant import quantize_model, save_quantized, weight_bytes
+
+    model = quantize_model(load(args.model), args.format, group_size=args.group_size, lm_head=args.lm_head)
+    path = save_quantized(model, args.out)
+    print(f"wrote {path} ({args.format}, {weight_bytes(model) / 1e6:.1f} MB of weights read per token)")
+    return 0

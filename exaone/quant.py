@@ -1,0 +1,341 @@
+"""Weight-only quantization for CPU decode: int8 per output channel, int4 group-wise.
+
+`quantize_model(model, "int8" | "int4")` swaps each decoder `nn.Linear` (q/k/v/o, gate/up/down;
+`lm_head` on request) for a `QuantLinear` that keeps packed integer weights and runs PyTorch's own
+weight-only CPU kernels, so no float copy of a weight is ever rebuilt during decode:
+
+    int8  aten._weight_int8pack_mm(x, w_int8 (N, K), scales (N,))                 w = q * s[n]
+    int4  aten._weight_int4pack_mm_for_cpu(x, packed, group, sz (K/group, N, 2))   w = (q - 8) * s + z
+          packed = aten._convert_weight_to_int4pack_for_cpu(q_int32 (N, K), 2)    q in 0..15
+
+Activations are cast to `act_dtype` (bfloat16 by default: the kernels' fast path) at the boundary and
+the output is cast back. The int4 packed layout depends on the CPU's instruction set, so files hold
+a portable layout (two nibbles a byte, even column in the low nibble) and are repacked on load.
+`save_quantized` / `load_quantized` write and read that format with a `quantization_config` in
+config.json. This module must not know about tokenizers, generation or GGUF.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("int8", "int4")
+INT4_GROUPS = (32, 64, 128, 256)  # what the int4 CPU kernel accepts
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _op(name: str):
+    return getattr(torch.ops.aten, name, None)
+
+
+def kernels_available() -> dict[str, bool]:
+    """Which fused kernels this torch build has; a method without one runs the slow dequantize path."""
+    return {"int8": _op("_weight_int8pack_mm") is not None,
+            "int4": _op("_weight_int4pack_mm_for_cpu") is not None
+            and _op("_convert_weight_to_int4pack_for_cpu") is not None}
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """A 64-byte-aligned contiguous copy when needed: `_weight_int8pack_mm` segfaults (torch 2.13,
+    AVX512, several rows) on a weight at an unaligned address, which is what safetensors returns."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
+def _group_for(in_features: int, group_size: int) -> int:
+    """The largest kernel group size <= group_size that divides in_features."""
+    for g in sorted(INT4_GROUPS, reverse=True):
+        if g <= group_size and in_features % g == 0:
+            return g
+    raise ValueError(f"int4 needs in_features divisible by a group size in {INT4_GROUPS} that is "
+                     f"<= group_size={group_size}; got in_features={in_features}")
+
+
+# ---- int4 layouts -----------------------------------------------------------------------------
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) ints in 0..15 -> (N, K/2) uint8, column 2j in the low nibble, 2j+1 in the high."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: (N, K/2) uint8 -> (N, K) int32."""
+    return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1).to(torch.int32)
+
+
+_KERNEL_ORDER: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _kernel_order(n: int, k: int) -> torch.Tensor:
+    """For the CPU kernel's packed (N, K/2) layout: which flat (N, K) index each nibble came from.
+
+    The layout depends on the ISA the kernel was built for, so it is measured, not assumed: pack
+    the flat index of every element four bits at a time and read the nibbles back.
+    """
+    key = (n, k)
+    if key not in _KERNEL_ORDER:
+        idx = torch.arange(n * k, dtype=torch.int64).reshape(n, k)
+        src = torch.zeros(n * k, dtype=torch.int64)
+        for j in range((max(n * k - 1, 1).bit_length() + 3) // 4):
+            plane = ((idx >> (4 * j)) & 15).to(torch.int32)
+            src |= unpack_nibbles(torch.ops.aten._convert_weight_to_int4pack_for_cpu(plane, 2)).flatten().long() << (4 * j)
+        if not torch.equal(torch.sort(src).values, torch.arange(n * k)):
+            raise RuntimeError("the int4 CPU packing is not a permutation of nibbles; cannot save it portably")
+        _KERNEL_ORDER[key] = src
+    return _KERNEL_ORDER[key]
+
+
+def kernel_to_portable(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Kernel-layout int4 weights -> pack_nibbles layout (for saving)."""
+    q = torch.empty(n * k, dtype=torch.int32)
+    q[_kernel_order(n, k)] = unpack_nibbles(packed).flatten()
+    return pack_nibbles(q.reshape(n, k))
+
+
+# ---- the module -------------------------------------------------------------------------------
+class QuantLinear(nn.Module):
+    """A bias-free Linear with int8 (per output channel) or int4 (group-wise) weights.
+
+    Buffers, int8: `qweight` int8 (N, K), `scales` (N,).  int4: `qweight` uint8 (N, K/2) in the
+    kernel's layout, `scales_and_zeros` (K/group, N, 2). Scales are in `act_dtype`, as the
+    kernels require. `fused` False means the kernel is missing: dequantize on every call (slow).
+    """
+
+    def __init__(self, in_features: int, out_features: int, method: str, group_size: int = 128,
+                 act_dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"quantization method must be one of {METHODS}, got {method!r}")
+        if act_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"act_dtype must be float32, bfloat16 or float16, got {act_dtype}")
+        self.in_features, self.out_features, self.method, self.act_dtype = in_features, out_features, method, act_dtype
+        self.fused = kernels_available()[method]
+        if method == "int8":
+            self.group_size = in_features
+            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(out_features, dtype=act_dtype, device=device))
+        else:
+            if out_features % 16:
+                raise ValueError(f"int4 needs out_features divisible by 16, got {out_features}")
+            self.group_size = _group_for(in_features, group_size)
+            groups = in_features // self.group_size
+            self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=act_dtype, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, method: str, group_size: int = 128,
+                    act_dtype: torch.dtype = torch.bfloat16) -> "QuantLinear":
+        if linear.bias is not None:
+            raise ValueError("QuantLinear has no bias (EXAONE 4.0 linears have none)")
+        m = cls(linear.in_features, linear.out_features, method, group_size, act_dtype)
+        w = linear.weight.detach().float()
+        with torch.no_grad():
+            if method == "int8":
+                # Symmetric, per output channel: [-127, 127] so that -q is representable too.
+                s = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+                m.qweight.copy_(torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8))
+                m.scales.copy_(s.to(act_dtype))
+            else:
+                q, scale, zero = quantize_int4(w, m.group_size)
+                m.set_int4(q, scale, zero)
+        return m
+
+    def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """q (N, K) in 0..15; scale, zero (N, K/group) with w = (q - 8) * scale + zero."""
+        q = q.to(torch.int32).contiguous()
+        if self.fused:
+            self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        else:
+            self.qweight = pack_nibbles(q)
+        self.scales_and_zeros = torch.stack([scale.T, zero.T], dim=-1).to(self.act_dtype).contiguous()
+
+    def portable_qweight(self) -> torch.Tensor:
+        if self.method == "int8" or not self.fused:
+            return self.qweight
+        return kernel_to_portable(self.qweight, self.out_features, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight this module represents (reference path and tests)."""
+        if self.method == "int8":
+            return self.qweight.float() * self.scales.float()[:, None]
+        q = unpack_nibbles(self.portable_qweight()).float()
+        sz = self.scales_and_zeros.float()
+        scale, zero = sz[..., 0].T, sz[..., 1].T  # (N, groups)
+        g = self.group_size
+        w = (q.view(self.out_features, -1, g) - 8) * scale[..., None] + zero[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(self.act_dtype).contiguous()
+        if not self.fused:
+            y = F.linear(x2, self.dequantize().to(self.act_dtype))  # slow fallback: no kernel in this build
+        elif self.method == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def weight_bytes(self) -> int:
+        """Bytes a forward pass reads: the packed weights and their scales."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        kind = "fused kernel" if self.fused else "DEQUANTIZE FALLBACK (no kernel in this torch)"
+        return (f"in={self.in_features}, out={self.out_features}, {self.method}, group={self.group_size}, "
+                f"act={str(self.act_dtype).replace('torch.', '')}, {kind}")
+
+
+def quantize_int4(w: torch.Tensor, group: int):
+    """Asymmetric min/max int4 per group of `group` input columns.
+
+    Returns q (N, K) int32 in 0..15 and scale, zero (N, K/group) in the kernel's convention
+    w ~ (q - 8) * scale + zero (zero is the value at the mid code 8, not an integer offset).
+    """
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(n, k), scale, lo + 8 * scale
+
+
+# ---- whole models -----------------------------------------------------------------------------
+def _targets(model: nn.Module, lm_head: bool):
+    """(parent module, attribute name) of every linear that quantize_model replaces."""
+    for layer in model.model.layers:
+        for name in LINEAR_NAMES[:4]:
+            yield layer.self_attn, name
+        for name in LINEAR_NAMES[4:]:
+            yield layer.mlp, name
+    if lm_head:
+        yield model, "lm_head"
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int = 128, lm_head: bool = False,
+                   act_dtype: torch.dtype | str = torch.bfloat16) -> nn.Module:
+    """Replace the decoder linears (and `lm_head` if asked) with QuantLinear, in place; returns model.
+
+    With tied embeddings, quantizing lm_head makes an int copy of the embedding table for the
+    output projection (the embedding itself stays float): more memory, fewer bytes read per step.
+    """
+    if method not in METHODS:
+        raise ValueError(f"quantize must be one of {METHODS}, got {method!r}")
+    if method == "int4" and group_size not in INT4_GROUPS:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUPS}, got {group_size}")
+    if isinstance(act_dtype, str):
+        act_dtype = getattr(torch, act_dtype)
+    if model.device.type != "cpu":
+        raise ValueError(f"quantize_model targets CPU kernels; the model is on {model.device}")
+    for parent, name in list(_targets(model, lm_head)):
+        lin = getattr(parent, name)
+        if isinstance(lin, nn.Linear):
+            setattr(parent, name, QuantLinear.from_linear(lin, method, group_size, act_dtype))
+    model.quantization_config = {"quant_method": f"exaone-{method}", "group_size": group_size if method == "int4" else None,
+                                 "lm_head": lm_head, "act_dtype": str(act_dtype).replace("torch.", "")}
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights read per decode step: every parameter and QuantLinear buffer, the embedding
+    table excluded (a step reads one row of it) unless it doubles as the float lm_head."""
+    emb = model.model.embed_tokens.weight
+    read_emb = isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is emb
+    tensors = {id(t): t for m in model.modules()
+               for t in (m.buffers(recurse=False) if isinstance(m, QuantLinear) else m.parameters(recurse=False))
+               if t is not emb or read_emb}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# ---- files ------------------------------------------------------------------------------------
+def save_quantized(model: nn.Module, path) -> Path:
+    """Write config.json (with quantization_config) and model.safetensors of a quantized model.
+
+    Per QuantLinear: `<name>.qweight` (int8 (N, K), or uint8 (N, K/2) in pack_nibbles layout) and
+    `<name>.scales` (N,) or `<name>.scales_and_zeros` (K/group, N, 2); every other tensor as is.
+    """
+    from safetensors.torch import save_file
+
+    qc = getattr(model, "quantization_config", None)
+    if qc is None:
+        raise ValueError("model is not quantized: call quantize_model first")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config["quantization_config"] = dict(qc)
+    config["torch_dtype"] = str(model.dtype).replace("torch.", "")
+    (path / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    state = dict(model.state_dict())
+    for mname, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            state[f"{mname}.qweight"] = m.portable_qweight()
+    if model.config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
+        state.pop("lm_head.weight", None)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt", "quantization": qc["quant_method"]})
+    return path
+
+
+def load_quantized(path, dtype=None) -> nn.Module:
+    """Load a directory written by save_quantized; `dtype` applies to the float tensors (norms,
+    embedding, an unquantized lm_head). Mismatched tensor names fail loudly."""
+    from safetensors import safe_open
+
+    from .config import Exaone4Config
+    from .loader import CheckpointError, parse_dtype
+    from .model import Exaone4ForCausalLM
+
+    path = Path(path)
+    config = Exaone4Config.from_file(path / "config.json")
+    qc = config.extra.pop("quantization_config", None)
+    if not isinstance(qc, dict) or qc.get("quant_method") not in ("exaone-int8", "exaone-int4"):
+        raise CheckpointError(f"{path}: config.json has no exaone-int8/exaone-int4 quantization_config")
+    method = qc["quant_method"].split("-", 1)[1]
+    act_dtype = getattr(torch, qc.get("act_dtype", "bfloat16"))
+    dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = Exaone4ForCausalLM(config)
+    for parent, name in list(_targets(model, bool(qc.get("lm_head")))):
+        lin = getattr(parent, name)
+        setattr(parent, name, QuantLinear(lin.in_features, lin.out_features, method,
+                                          qc.get("group_size") or 128, act_dtype, device="meta"))
+    file = path / "model.safetensors"
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        names = set(f.keys())
+        expected = set(model.state_dict())
+        if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
+            expected.discard("lm_head.weight")
+        if names != expected:
+            raise CheckpointError(f"{file}: tensors do not match the config; missing "
+                                  f"{sorted(expected - names)[:10]}, unexpected {sorted(names - expected)[:10]}")
+        state = {n: f.get_tensor(n) for n in names}
+    quant = {m: n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    float_state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()
+                   if not any(k.startswith(f"{n}.") for n in quant.values())}
+    model.load_state_dict(float_state, strict=False, assign=True)
+    for m, n in quant.items():
+        want = tuple(m.qweight.shape)
+        q, sz = state[f"{n}.qweight"], state[f"{n}.{'scales' if method == 'int8' else 'scales_and_zeros'}"]
+        if tuple(q.shape) != want:
+            raise CheckpointError(f"{file}: tensor {n}.qweight has shape {list(q.shape)}, expected {list(want)}")
+        if method == "int8":
+            m.qweight, m.scales = _aligned(q), _aligned(sz.to(act_dtype))
+        else:
+            if tuple(sz.shape) != tuple(m.scales_and_zeros.shape):
+                raise CheckpointError(f"{file}: tensor {n}.scales_and_zeros has shape {list(sz.shape)}, "
+                                      f"expected {list(m.scales_and_zeros.shape)}")
+            q = unpack_nibbles(q)
+            m.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2) if m.fused else pack_nibbles(q)
+            m.scales_and_zeros = _aligned(sz.to(act_dtype))
+    if isinstance(model.lm_head, nn.Linear):  # a quantized lm_head is its own copy, never tied
+        model.tie_weights()
+    model.reset_rope()
+    model.eval()
+    model.requires_grad_(False)
+    model.quantization_config = qc
+    model.name_or_path = str(path)
+    return model
