@@ -259,6 +259,7 @@ def test_metrics(server):
         assert name in text, name
     assert 'exaone_requests_total{endpoint="chat",status="ok"}' in text
     assert 'exaone_requests_total{endpoint="chat",status="400"}' in text
+    assert "exaone_requests_in_flight 0.0" in text
 
 
 def test_client_gone_before_first_chunk(backend, ledger):
