@@ -342,3 +342,35 @@ def test_engine_failure_is_500_and_billed_as_error(backend, ledger):
         assert json.loads(events[-2])["error"]["code"] == "generation_failed" and events[-1] == "[DONE]"
     rows = ledger.usage(key_id=key.id)
     assert [r["status"] for r in rows] == ["error", "error"] and all(r["completion_tokens"] == 1 for r in rows)
+
+
+def test_serve_cli_wiring(tmp_path, chat_checkpoint, monkeypatch):
+    """`exaone serve` builds the app with the ledger, limiter and prices it was given (uvicorn stubbed)."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from exaone.cli import main
+    from exaone.server.ledger import Ledger
+
+    db = f"sqlite:///{tmp_path / 'serve.db'}"
+    with Ledger(db) as led:
+        _, secret = led.create_key("cli")
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"default": {"prompt": 1, "completion": 2}}))
+    seen = {}
+
+    def fake_run(app, host, port, log_level):
+        seen.update(host=host, port=port)
+        with TestClient(app) as c:
+            seen["pricing"] = c.get("/v1/pricing").json()["price"]
+            seen["chat"] = c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                                  json={"messages": USER, "max_tokens": 2}).json()
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert main(["serve", "--model", str(chat_checkpoint), "--db", db, "--port", "9999", "--prices", str(prices),
+                 "--max-batch", "2"]) == 0
+    assert seen["port"] == 9999 and seen["pricing"] == {"prompt": 1.0, "cached": 1.0, "completion": 2.0}
+    usage = seen["chat"]["usage"]
+    assert usage["cost_usd"] == pytest.approx((usage["prompt_tokens"] + 2 * usage["completion_tokens"]) / 1e6)
+    with Ledger(db) as led:
+        assert len(led.usage()) == 1
