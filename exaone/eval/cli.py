@@ -44,6 +44,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--dtype", default="auto", help="in-process model dtype: float32, bfloat16 or auto")
     p.add_argument("--device", default=None, help="in-process device: cpu (default) or cuda")
+    p.add_argument("--max-len", type=int, default=None, metavar="N",
+                   help="in-process: context length of the engine's cache (default: the model's)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="in-process: torch intra-op threads (1 is often fastest for tiny models on small CPUs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -133,7 +135,8 @@ def run(args) -> int:
             import torch
             torch.set_num_threads(args.threads)
         client = LocalClient(args.model, concurrency=args.concurrency,
-                             dtype=None if args.dtype == "auto" else args.dtype, device=args.device)
+                             dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
+                             max_len=args.max_len)
         kind = "in-process"
     load_s = time.perf_counter() - t0
     settings = Settings(max_tokens=args.max_tokens, thinking_budget=args.thinking_budget,
@@ -161,7 +164,7 @@ def run(args) -> int:
                      "max_tokens": settings.max_tokens,
                      "thinking_budget": settings.thinking_budget, "concurrency": args.concurrency,
                      "limit": args.limit, "date_range": args.date_range, "data_dir": str(data_dir) if data_dir else None,
-                     "dtype": args.dtype, "device": args.device, "threads": args.threads,
+                     "dtype": args.dtype, "device": args.device, "threads": args.threads, "max_len": args.max_len,
                      "sandbox_network_isolation": " ".join(network_isolation()) or "socket guard only"},
         "load_seconds": round(load_s, 3), "runs": res["runs"], "tasks": per_task,
     }

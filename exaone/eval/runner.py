@@ -63,13 +63,14 @@ class Completion:
 # ---- clients -----------------------------------------------------------------------------------
 class LocalClient:
     def __init__(self, model: str | None = None, concurrency: int = 8, dtype: str | None = None,
-                 device: str | None = None):
+                 device: str | None = None, max_len: int | None = None):
         import exaone
         from exaone.engine import Engine
 
         self.model = exaone.load(model, dtype=dtype, device=device)
         self.tokenizer = exaone.load_tokenizer(model)
-        self.engine = Engine(self.model, tokenizer=self.tokenizer, max_batch=max(1, concurrency)).start()
+        self.engine = Engine(self.model, tokenizer=self.tokenizer, max_batch=max(1, concurrency),
+                             max_len=max_len).start()
         if model is None:
             from exaone.loader import default_model_path
             model = default_model_path()
