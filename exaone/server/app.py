@@ -56,13 +56,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    e = errors[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    if e.get("type") == "json_invalid":
+    if errors[0].get("type") == "json_invalid":
+        e = errors[0]
         return f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
-    # A union reports one error per member; the first names the field, which is what users need.
-    loc = [x for x in loc if not (x[:1].islower() and ("[" in x or x in ("str", "int", "float", "bool",
-                                                                          "list", "dict", "function-after")))]
+    # A union reports one error per member; of those on the first bad field, the deepest one is
+    # from the member the client meant (a dict for tool_choice is a named choice, not a string).
+    field = errors[0].get("loc", ())[:2]
+    e = max((x for x in errors if x.get("loc", ())[:2] == field), key=lambda x: len(x.get("loc", ())))
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    loc = [x for x in loc if not ("[" in x or x[:1].isupper() or x in ("str", "int", "float", "bool", "list", "dict"))]
     param = ".".join(loc) or None
     return (f"{param}: {e.get('msg')}" if param else str(e.get("msg"))), param
 
