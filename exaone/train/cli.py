@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -67,5 +68,6 @@ def run(args: argparse.Namespace) -> int:
                       embed_std=args.embed_std, post_norm_init=args.post_norm_init,
                       model=model)
     result = train(cfg, progress=not args.no_progress and sys.stdout.isatty())
-    print(json.dumps({k: v for k, v in result.items() if k != "history"}, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}, default=str))
     return 0

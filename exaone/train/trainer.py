@@ -212,7 +212,7 @@ def get_tokenizer(cfg: TrainConfig, out: Path, main: bool):
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
     tok_dir = out / "tokenizer"
-    if (tok_dir / "tokenizer.json").is_file():
+    if cfg.resume and (tok_dir / "tokenizer.json").is_file():  # written whole by the first run
         return load_tokenizer(tok_dir)
     # Deterministic for a fixed corpus, so every rank builds the same one; rank 0 also writes it.
     return build_tokenizer(data.corpus_texts(), vocab_size=cfg.vocab_size, individual_digits=True,
