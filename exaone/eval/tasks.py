@@ -328,7 +328,8 @@ def load_ifeval(data_dir) -> list[Item]:
 
 
 # ---- the demo model's synthetic tasks ----------------------------------------------------------
-SYNTHETIC_N = 100   # held-out problems per synthetic task (before --limit)
+SYNTHETIC_N = 100          # held-out problems of a one-generator task (nano_<kind>), before --limit
+SYNTHETIC_N_PER_KIND = 50  # of each generator in `nano`
 
 
 def _train_data():
@@ -347,13 +348,13 @@ def synthetic_task_names() -> tuple[str, ...]:
 def _synthetic(kind: str | None):
     """Held-out problems of the demo model's generators (`exaone.train.data.heldout_examples`,
     disjoint from training by construction), scored by its own `score(example, answer)`.
-    `kind` None: every generator, SYNTHETIC_N // len(tasks) each, interleaved."""
+    `kind` None: every generator, SYNTHETIC_N_PER_KIND each, interleaved."""
     def load(data_dir):
         d = _train_data()
         if d is None:
             raise FileNotFoundError("synthetic tasks need exaone.train.data (heldout_examples, EVAL_TASKS, score)")
         kinds = [kind] if kind else list(d.EVAL_TASKS)
-        per = SYNTHETIC_N if kind else max(1, SYNTHETIC_N // len(kinds))
+        per = SYNTHETIC_N if kind else SYNTHETIC_N_PER_KIND
         groups = [d.heldout_examples(k, per) for k in kinds]
         exs = [g[i] for i in range(per) for g in groups if i < len(g)]  # interleaved: --limit mixes kinds
         return [Item(f"{e.task}/{e.key}/{e.lang}", e.question,
