@@ -242,3 +242,16 @@ def test_task_aliases():
     assert [t.name for t in get_tasks("ifeval,offline")][:2] == ["ifeval", "humaneval"]
     with pytest.raises(ValueError, match="unknown task"):
         get_tasks("mmlu")
+
+
+def test_endpoint_errors_are_clear_and_not_cached(tmp_path):
+    deny = httpx.MockTransport(lambda req: httpx.Response(401, json={"error": {"message": "invalid API key"}}))
+    with pytest.raises(ValueError, match="HTTP 401.*invalid API key"):
+        EndpointClient("http://fake/v1", transport=deny)
+    client = EndpointClient("http://fake/v1", served_model="m", transport=deny)
+    task = TASKS["mmlu_redux"]
+    items = task.load(FIXTURES, 1)
+    res = run_eval(client, [(task, items)], ["non-reasoning"], tmp_path, Settings(), concurrency=1, progress=False)
+    assert res["runs"]["non-reasoning"]["errors"] == 1 and not res["records"][("mmlu_redux", "non-reasoning")]
+    err = json.loads((tmp_path / "errors.jsonl").read_text().splitlines()[0])
+    assert "HTTP 401" in err["error"] and not (tmp_path / "items" / "mmlu_redux.non-reasoning.jsonl").exists()

@@ -142,8 +142,12 @@ class EndpointClient:
         self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout, transport=transport)
         self.extra_body = extra_body or {}
         if served_model is None:
-            r = self.http.get("/models")
-            r.raise_for_status()
+            try:
+                r = self.http.get("/models")
+            except httpx.HTTPError as e:
+                raise ValueError(f"cannot reach {url}/models: {e}") from None
+            if r.status_code >= 400:
+                raise ValueError(f"{url}/models: HTTP {r.status_code}: {r.text[:300]}")
             data = r.json().get("data") or []
             if not data:
                 raise ValueError(f"{url}/models lists no model; pass --served-model")
@@ -169,7 +173,8 @@ class EndpointClient:
                 if r.status_code in (429, 500, 502, 503, 504) and attempt < self.RETRIES:
                     time.sleep(min(30.0, 2.0 ** attempt))
                     continue
-                r.raise_for_status()
+                if r.status_code >= 400:
+                    raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
                 break
             except (httpx.TransportError, httpx.TimeoutException):
                 if attempt >= self.RETRIES:
