@@ -167,7 +167,7 @@ def _answer_index(v, n: int, one_based=False) -> int:
 
 
 def load_mmlu_redux(data_dir) -> list[Item]:
-    """MMLU-Redux (2.0): only rows whose error_type is "ok" (the corrected subset), as ZeroEval does."""
+    """MMLU-Redux (2.0): only rows whose error_type is "ok" (annotated errors are left out)."""
     out, seen = [], {}
     for f, r in _records(data_dir, ("mmlu_redux", "mmlu-redux", "mmlu_redux_2.0"), "mmlu_redux"):
         # HF layout: <subject>/test-*.parquet; a flat export: <subject>.jsonl
