@@ -255,3 +255,15 @@ def test_endpoint_errors_are_clear_and_not_cached(tmp_path):
     assert res["runs"]["non-reasoning"]["errors"] == 1 and not res["records"][("mmlu_redux", "non-reasoning")]
     err = json.loads((tmp_path / "errors.jsonl").read_text().splitlines()[0])
     assert "HTTP 401" in err["error"] and not (tmp_path / "items" / "mmlu_redux.non-reasoning.jsonl").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "nano", "--samples", "2"], "needs --temperature"),
+    (["--tasks", "nope"], "unknown task"),
+    (["--tasks", "mmlu_pro", "--data-dir", "/nonexistent"], "no data found"),
+    (["--tasks", "nano", "--limit", "0"], "--limit"),
+    (["--tasks", "livecodebench", "--data-dir", str(FIXTURES), "--date-range", "2025"], "START:END"),
+])
+def test_cli_user_errors(argv, message, capsys, tmp_path):
+    assert main(["eval", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
