@@ -143,6 +143,18 @@ def test_chat_stream_openai_client(client):
     assert not any((c.choices[0].delta.model_extra or {}).get("reasoning_content") for c in chunks)
 
 
+def test_prefix_cache_counts_cached_tokens(server, client):
+    msgs = [{"role": "system", "content": "You are EXAONE, a helpful assistant. " * 20}, *USER]
+    kw = dict(model=MODEL_NAME, messages=msgs, max_tokens=2, extra_body={"ignore_eos": True})
+    client.chat.completions.create(**kw)
+    r = client.chat.completions.create(**kw)
+    cached = r.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < r.usage.prompt_tokens
+    row = _row(server, r.id)
+    assert row["cached_tokens"] == cached
+    assert r.usage.model_extra["cost_usd"] == pytest.approx(float(row["cost_usd"]))
+
+
 @pytest.mark.parametrize("body,on,budget", [
     ({}, False, None),
     ({"chat_template_kwargs": {"enable_thinking": True}}, True, None),

@@ -207,7 +207,9 @@ class Generation:
         outs = self.last.values()
         return Usage(prompt_tokens=self.handle.prompt_tokens,
                      completion_tokens=sum(o.completion_tokens for o in outs),
-                     reasoning_tokens=sum(o.reasoning_tokens for o in outs))
+                     reasoning_tokens=sum(o.reasoning_tokens for o in outs),
+                     # the prompt is prefilled once for all n sequences: one count, as prompt_tokens
+                     cached_tokens=max((getattr(o, "cached_tokens", 0) for o in outs), default=0))
 
     def ttft(self) -> float | None:
         times = [o.time_to_first_token for o in self.last.values() if o.time_to_first_token is not None]

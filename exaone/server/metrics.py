@@ -29,7 +29,8 @@ class _EngineCollector:
                 ("exaone_running_batch_size", s.running, "sequences in the decode batch"),
                 ("exaone_prefilling", s.prefilling, "requests being prefilled"),
                 ("exaone_free_slots", s.free_slots, "free cache rows"),
-                ("exaone_max_batch", s.max_batch, "cache rows in all")):
+                ("exaone_max_batch", s.max_batch, "cache rows in all"),
+                ("exaone_prefix_cache_bytes", getattr(s, "prefix_cache_bytes", 0), "bytes held by the prefix cache")):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             yield g
@@ -53,6 +54,8 @@ class Metrics:
         self.completion_tokens = Counter("exaone_completion_tokens", "generated tokens, reasoning included",
                                          registry=r)
         self.reasoning_tokens = Counter("exaone_reasoning_tokens", "reasoning tokens", registry=r)
+        self.cached_tokens = Counter("exaone_cached_prompt_tokens", "prompt tokens served from the prefix cache",
+                                     registry=r)
         self.in_flight = Gauge("exaone_requests_in_flight", "admitted requests not finished yet", registry=r)
         self.latency = Histogram("exaone_request_latency_seconds", "request latency, submit to last token",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
@@ -70,6 +73,7 @@ class Metrics:
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.completion_tokens.inc(usage.completion_tokens)
         self.reasoning_tokens.inc(usage.reasoning_tokens)
+        self.cached_tokens.inc(usage.cached_tokens)
         self.latency.labels(endpoint).observe(latency)
         if ttft is not None:
             self.ttft.labels(endpoint).observe(ttft)
