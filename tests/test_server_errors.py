@@ -368,7 +368,7 @@ def test_serve_cli_wiring(tmp_path, chat_checkpoint, monkeypatch):
 
     monkeypatch.setattr(uvicorn, "run", fake_run)
     assert main(["serve", "--model", str(chat_checkpoint), "--db", db, "--port", "9999", "--prices", str(prices),
-                 "--max-batch", "2"]) == 0
+                 "--max-batch", "2", "--prefix-cache-mb", "0"]) == 0
     assert seen["port"] == 9999 and seen["pricing"] == {"prompt": 1.0, "cached": 1.0, "completion": 2.0}
     usage = seen["chat"]["usage"]
     assert usage["cost_usd"] == pytest.approx((usage["prompt_tokens"] + 2 * usage["completion_tokens"]) / 1e6)

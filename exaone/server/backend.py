@@ -220,7 +220,8 @@ class LocalBackend:
     """A checkpoint served in this process by one engine (one worker thread)."""
 
     def __init__(self, model_dir=None, dtype: str = "auto", max_batch: int = 16, device: str | None = None,
-                 max_len: int | None = None, prefill_chunk: int = 512, name: str | None = None):
+                 max_len: int | None = None, prefill_chunk: int = 512, name: str | None = None,
+                 prefix_cache_bytes: int | None = None):
         import exaone
         from ..engine import Engine
         from ..loader import default_model_path
@@ -228,8 +229,9 @@ class LocalBackend:
         path = Path(model_dir) if model_dir is not None else default_model_path()
         self.model = exaone.load(path, dtype=dtype, device=device)
         self.tokenizer = exaone.load_tokenizer(path)
+        extra = {} if prefix_cache_bytes is None else {"prefix_cache_bytes": prefix_cache_bytes}
         self.engine = Engine(self.model, tokenizer=self.tokenizer, max_batch=max_batch, max_len=max_len,
-                             prefill_chunk=prefill_chunk)
+                             prefill_chunk=prefill_chunk, **extra)
         self.model_name = name or path.resolve().name
         self.max_len = self.engine.max_len
         self.token_text = lru_cache(maxsize=65536)(lambda i: self.tokenizer.decode([i]))

@@ -18,6 +18,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-auth", action="store_true", help="serve without API keys (usage is still recorded)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="sequences decoded together")
     p.add_argument("--max-len", type=int, default=None, metavar="N", help="context length (default: the model's)")
+    p.add_argument("--prefix-cache-mb", type=int, default=None, metavar="MB",
+                   help="memory for reusing the KV of repeated prompt prefixes (0: off; default: the engine's)")
     p.add_argument("--prices", default=None, metavar="FILE", help="prices per model, .json or .toml (see pricing.py)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (as stored)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
@@ -43,7 +45,8 @@ def run(args) -> int:
               f"or serve without keys with --no-auth.", file=sys.stderr)
         return 2
     backend = LocalBackend(args.model, dtype=args.dtype, max_batch=args.max_batch, device=args.device,
-                           max_len=args.max_len, name=args.name).start()
+                           max_len=args.max_len, name=args.name,
+                           prefix_cache_bytes=None if args.prefix_cache_mb is None else args.prefix_cache_mb * 2**20).start()
     app = create_app(backend, ledger=ledger, no_auth=args.no_auth, limiter=Limiter(ledger), cors_origins=args.cors)
     print(f"exaone serve: {backend.model_name} on http://{args.host}:{args.port}  (playground at /, "
           f"ledger {ledger.display_url}{', no auth' if args.no_auth else ''})", file=sys.stderr)
