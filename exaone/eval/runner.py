@@ -75,6 +75,10 @@ class LocalClient:
             from exaone.loader import default_model_path
             model = default_model_path()
         self.name = str(Path(model).resolve())
+        # The resume cache must not serve a retrained checkpoint's old answers from the same path.
+        weights = sorted(Path(self.name).glob("*.safetensors"))
+        self.cache_id = self.name + "|" + ",".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
+                                                   for w in weights)
         self.max_len = self.engine.max_len
         self._lock = threading.Lock()
         self._live: set = set()
@@ -85,7 +89,6 @@ class LocalClient:
         from exaone.sampling import SamplingParams
 
         d = decoding or Decoding()
-
         ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                  enable_thinking=enable_thinking)
         # Leave room in the context: the engine stops at max_len anyway, but the prompt must fit.
@@ -291,7 +294,7 @@ def run_eval(client, tasks: list[tuple[Task, list[Item]]], modes: list[str], out
             recs = records[(task.name, mode)] = {}
             for item in items:
                 for sample in range(settings.samples):
-                    key = item_key(client.name, task, item, mode, mt, settings, sample)
+                    key = item_key(getattr(client, "cache_id", client.name), task, item, mode, mt, settings, sample)
                     if key in done:
                         recs[key] = done[key]
                         run.cached += 1
