@@ -4,6 +4,7 @@ generates nothing). Also the endpoint client against a fake OpenAI-compatible se
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -79,6 +80,12 @@ def test_eval_tiny_checkpoint_both_modes_and_resume(tiny_chat_checkpoint, tmp_pa
     assert _eval(tiny_chat_checkpoint, out, "nano", "--max-tokens", "6") == 0
     res3 = json.loads((out / "results.json").read_text())
     assert res3["runs"]["reasoning"]["generated"] == 2
+    # new weights at the same path (a retrained checkpoint) are evaluated again
+    weights = Path(tiny_chat_checkpoint) / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert _eval(tiny_chat_checkpoint, out, "nano", "--max-tokens", "6", "--mode", "non-reasoning") == 0
+    assert json.loads((out / "results.json").read_text())["runs"]["non-reasoning"]["generated"] == 2
 
 
 @pytest.mark.skipif(not DEMO.joinpath("config.json").exists(), reason="demo model not shipped yet")
