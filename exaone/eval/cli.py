@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task")
     p.add_argument("--date-range", default=None, metavar="START:END",
                    help="keep dated items (LiveCodeBench contest_date) with START <= date < END, ISO dates; "
-                        "either side may be empty. LiveCodeBench v6 as in the card: 2025-02-01:2025-05-01")
+                        "either side may be empty, e.g. 2025-02-01:2025-05-01")
     p.add_argument("--concurrency", type=int, default=8, metavar="K", help="requests in flight (= engine batch)")
     p.add_argument("--out", default="runs/eval", metavar="DIR", help="results, logs and the resume cache")
     p.add_argument("--data-dir", default=None, metavar="DIR",
