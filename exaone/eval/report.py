@@ -90,7 +90,7 @@ def markdown(results: dict) -> str:
         lines.append("")
     ref = [(tasks[n][next(iter(tasks[n]))]["title"], v) for n, v in PUBLISHED_32B.items() if n in tasks]
     if ref:
-        lines.append("For orientation, EXAONE 4.0 32B as published (reasoning mode, sampled; LiveCodeBench v6): "
+        lines.append("For orientation, EXAONE 4.0 32B's launch headline numbers (LiveCodeBench v6, AIME 2025): "
                      + ", ".join(f"{t} {v}" for t, v in ref) + ".")
         lines.append("")
     trunc = [(name, m, r["truncated"], r["n"]) for name, pm in tasks.items() for m, r in pm.items() if r["truncated"]]
