@@ -346,6 +346,18 @@ def create_app(backend, ledger=None, no_auth: bool = False, limiter=None, pricin
                 "price": {"prompt": float(price.prompt), "cached": float(price.cached),
                           "completion": float(price.completion)}}
 
+    @app.get("/v1/usage")
+    async def usage(key=Key, since: str | None = None, until: str | None = None):
+        """The caller's own usage: totals and per model and UTC day (since inclusive, until exclusive)."""
+        if srv.ledger is None or key is None:
+            raise APIError(404, "usage is not available: this server runs without API keys and a ledger",
+                           code="not_found")
+        try:
+            rows = await asyncio.to_thread(srv.ledger.usage, key_id=key.id, since=since, until=until)
+        except ValueError as e:
+            raise APIError(400, f"since/until must be dates (YYYY-MM-DD): {e}", param="since") from None
+        return usage_report(key, rows)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, key=Key):
         return await srv.run(request, key, "chat", body, backend.prepare_chat)
@@ -370,3 +382,27 @@ def _model_card(backend) -> dict:
 def _version() -> str:
     from .. import __version__
     return __version__
+
+
+_USAGE_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
+
+
+def usage_report(key, rows: list[dict]) -> dict:
+    """Sum ledger rows into the /v1/usage body: totals, and one bucket per (model, UTC day)."""
+    from decimal import Decimal
+
+    def empty():
+        return {"requests": 0, **{f: 0 for f in _USAGE_FIELDS}, "cost_usd": Decimal(0)}
+
+    total, buckets = empty(), {}
+    for r in rows:
+        day = r["started_at"].date().isoformat()
+        b = buckets.setdefault((r["model"], day), {"model": r["model"], "day": day, **empty()})
+        for acc in (total, b):
+            acc["requests"] += 1
+            for f in _USAGE_FIELDS:
+                acc[f] += r[f]
+            acc["cost_usd"] += Decimal(r["cost_usd"])
+    fix = lambda d: {**d, "cost_usd": float(d["cost_usd"])}  # noqa: E731
+    return {"object": "usage", "key": {"id": key.id, "name": key.name},
+            "total": fix(total), "data": [fix(b) for b in buckets.values()]}
