@@ -143,12 +143,12 @@ def _write(K, V, rows: slice, slots: torch.Tensor, k, v) -> None:
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Grouped-query attention with a boolean mask (True = attend)."""
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=q.shape[-1] ** -0.5)
+    """Grouped-query attention with a boolean mask (True = attend).
+
+    `enable_gqa` lets the kernel index kv head h // rep instead of materialising repeat_interleave
+    copies of k and v for every layer and step; the result is bit-identical."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=q.shape[-1] ** -0.5,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def cache_bytes(config: Exaone4Config, tokens: int, dtype: torch.dtype = torch.bfloat16, block: int = 256) -> dict:

@@ -1,0 +1,407 @@
+"""`exaone bench` (= `python bench/bench_engine.py`): speed of the 1.2B shape against transformers.
+
+Random weights (nothing is downloaded), EXAONE-4.0-1.2B shape, one table: prefill tokens/s,
+decode tokens/s at batch 1 and aggregate at each concurrency, achieved weight-read GB/s per
+decode row against the machine's measured read bandwidth, peak RSS; ours and transformers with
+the same tensors, measured interleaved in one run (medians), so a busy machine slows both alike.
+Peak memory is measured in one child process per (implementation, dtype), since RSS high-water
+only grows. This module must not change the model: it only times it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPE_1P2B = dict(vocab_size=102400, hidden_size=2048, intermediate_size=4096, num_hidden_layers=30,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=65536,
+                  rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=True,
+                  bos_token_id=1, eos_token_id=361, pad_token_id=0)
+POOL = 1 << 22  # random values drawn once per model, tiled with random offsets: N(0, 0.02) at memcpy speed
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default: %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=512, help="prefill length (default: %(default)s)")
+    p.add_argument("--context", type=int, default=32, help="prompt length of each decoding sequence (default: %(default)s)")
+    p.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per run (default: %(default)s)")
+    p.add_argument("--batches", default="1,4,16", help="concurrent sequences (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per cell, median reported (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=None, help="shorten the model (default: 30, the 1.2B)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--skip-hf", action="store_true", help="do not run transformers")
+    p.add_argument("--skip-memory", action="store_true", help="do not measure peak RSS (saves the child processes)")
+    p.add_argument("--no-engine", action="store_true", help="decode through model + cache even if exaone.engine exists")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--_child", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
+
+
+# ---- model -------------------------------------------------------------------------------
+def bench_config(layers: int | None):
+    from ..config import Exaone4Config
+
+    return Exaone4Config(**{**SHAPE_1P2B, **({"num_hidden_layers": layers} if layers else {})})
+
+
+def build_model(config, dtype, seed: int = 0):
+    """Our model with weights ~ N(0, 0.02) (norms 1), allocated directly in `dtype`."""
+    import torch
+
+    from ..model import Exaone4ForCausalLM
+
+    with torch.device("meta"):
+        model = Exaone4ForCausalLM(config)
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.randn(2 * POOL, generator=gen).mul_(0.02).to(dtype)
+    state = {}
+    for name, p in model.named_parameters():  # tied weights are listed once
+        if name.endswith("norm.weight"):
+            state[name] = torch.ones(p.shape, dtype=dtype)
+            continue
+        t = state[name] = torch.empty(p.shape, dtype=dtype)
+        flat = t.view(-1)
+        for s in range(0, flat.numel(), POOL):
+            n = min(POOL, flat.numel() - s)
+            o = int(torch.randint(0, POOL, (1,), generator=gen))
+            flat[s:s + n].copy_(pool[o:o + n])
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.reset_rope()
+    return model.eval().requires_grad_(False)
+
+
+def to_transformers(model):
+    """transformers' Exaone4ForCausalLM holding the very same tensors (no copy)."""
+    import torch
+    from transformers import Exaone4Config as HFConfig
+    from transformers import Exaone4ForCausalLM as HFModel
+
+    d = model.config.to_dict()
+    d.pop("torch_dtype", None)
+    cfg = HFConfig(**d)
+    cfg.dtype = model.dtype
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        hf = HFModel(cfg)
+    hf.load_state_dict(model.state_dict(), strict=True, assign=True)
+    hf.tie_weights()
+    # Non-persistent buffers (RoPE) were built on the meta device: rebuild them on the CPU.
+    rotary = type(hf.model.rotary_emb)
+    with torch.device("cpu"):
+        hf.model.rotary_emb = rotary(config=cfg)
+    for name, b in hf.named_buffers():
+        if b.is_meta:
+            raise RuntimeError(f"transformers buffer {name} is still on the meta device")
+    return hf.eval().requires_grad_(False)
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads: every parameter once (the tied embedding is read by lm_head)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ---- measurements ------------------------------------------------------------------------
+def bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> dict:
+    """Read (sum) and copy bandwidth over a `gib` GiB buffer, best of `repeats`, in GB/s."""
+    import torch
+
+    n = int(gib * (1 << 30)) // 4
+    a = torch.ones(n)
+    b = torch.empty_like(a)
+    best_read = best_copy = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best_read = max(best_read, a.numel() * 4 / (time.perf_counter() - t) / 1e9)
+        t = time.perf_counter()
+        b.copy_(a)
+        best_copy = max(best_copy, 2 * a.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return {"read": best_read, "copy": best_copy}
+
+
+def _prompt(rows: int, n: int, vocab: int, seed: int):
+    import torch
+
+    return torch.randint(10, vocab, (rows, n), generator=torch.Generator().manual_seed(seed))
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, model, use_engine: bool):
+        self.model = model
+        self.engine_cls = None
+        if use_engine:
+            try:
+                from ..engine import Engine, SamplingParams  # noqa: F401
+                self.engine_cls = Engine
+            except ImportError:
+                pass
+
+    def prefill(self, ids) -> float:
+        import torch
+
+        with torch.inference_mode():
+            cache = self.model.make_cache(rows=1, max_len=ids.shape[1] + 1)
+            pos = torch.arange(ids.shape[1])[None]
+            t = time.perf_counter()
+            self.model(ids, position_ids=pos, cache=cache, last_only=True)
+            return time.perf_counter() - t
+
+    def decode(self, ids, steps: int) -> float:
+        """Seconds for `steps` decode steps of all rows of `ids` (prefill not counted)."""
+        if self.engine_cls is not None:
+            return self._decode_engine(ids, steps)
+        import torch
+
+        B, n = ids.shape
+        with torch.inference_mode():
+            cache = self.model.make_cache(rows=B, max_len=n + steps + 1)
+            rows = slice(0, B)
+            logits = self.model(ids, position_ids=torch.arange(n)[None].expand(B, n), cache=cache,
+                                rows=rows, last_only=True)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            t = time.perf_counter()
+            for i in range(steps):
+                logits = self.model(tok, position_ids=torch.full((B, 1), n + i), cache=cache, rows=rows)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+            return time.perf_counter() - t
+
+    def _decode_engine(self, ids, steps: int) -> float:
+        from ..engine import Engine, SamplingParams
+
+        B = ids.shape[0]
+        engine = Engine(self.model, max_batch=B, max_len=ids.shape[1] + steps + 2, prefix_cache_bytes=0)
+        params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
+        handles = [engine.submit(ids[i].tolist(), params) for i in range(B)]
+        seen = [0] * B
+        start = None
+        while True:
+            engine.step()
+            for i, h in enumerate(handles):
+                seen[i] += len(_drain(h))
+            if start is None and all(s >= 1 for s in seen):
+                start = time.perf_counter()  # every sequence has its first token: decode begins
+            if all(s >= steps + 1 for s in seen):
+                return time.perf_counter() - start
+
+
+def _drain(handle) -> list:
+    """Records a handle has ready now, without blocking."""
+    out = []
+    while True:
+        r = handle.get_nowait()
+        if r is None:
+            return out
+        if getattr(r, "token_id", None) is not None:
+            out.append(r)
+
+
+class Reference:
+    name = "transformers"
+
+    def __init__(self, model):
+        self.model = to_transformers(model)
+
+    def prefill(self, ids) -> float:
+        import torch
+
+        with torch.inference_mode():
+            t = time.perf_counter()
+            self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - t
+
+    def decode(self, ids, steps: int) -> float:
+        import torch
+
+        stamps = []
+
+        class Streamer:  # generate calls put() with the prompt, then once per new token
+            def put(self, value):
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        with torch.inference_mode():
+            self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
+                                min_new_tokens=steps + 1, do_sample=False, streamer=Streamer(),
+                                pad_token_id=0)
+        # stamps: prompt, token 1 (after prefill), ..., token steps + 1
+        return stamps[-1] - stamps[1]
+
+
+# ---- the run -----------------------------------------------------------------------------
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _child(args) -> int:
+    """Peak RSS of one implementation: build, prefill prompt_len, decode the largest batch."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    impl, dtype = args._child
+    config = bench_config(args.layers)
+    model = build_model(config, _dtype(dtype))
+    runner = Ours(model, not args.no_engine) if impl == "ours" else Reference(model)
+    del model
+    runner.prefill(_prompt(1, args.prompt_len, config.vocab_size, 0))
+    B = max(int(b) for b in args.batches.split(","))
+    runner.decode(_prompt(B, args.context, config.vocab_size, 1), 2)
+    print(json.dumps({"peak_rss": _peak_rss_bytes()}))
+    return 0
+
+
+def _measure_memory(args, impl: str, dtype: str) -> int | None:
+    cmd = [sys.executable, "-m", "exaone.commands.bench", "--_child", impl, dtype,
+           "--prompt-len", str(args.prompt_len), "--context", str(args.context), "--batches", args.batches,
+           "--threads", str(args.threads)] + (["--layers", str(args.layers)] if args.layers else []) \
+        + (["--no-engine"] if args.no_engine else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"memory child {impl} {dtype} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])["peak_rss"]
+
+
+def _median_interleaved(runners, fn, repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(repeats):
+        for r in runners:
+            times[r.name].append(fn(r))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=here).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run(args) -> int:
+    if args._child:
+        return _child(args)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    batches = [int(b) for b in args.batches.split(",")]
+    config = bench_config(args.layers)
+    impls = ["ours"] + ([] if args.skip_hf else ["transformers"])
+    t_start = time.perf_counter()
+
+    memory = {}
+    if not args.skip_memory:  # children first, while this process is small
+        for dtype in dtypes:
+            for impl in impls:
+                memory[(impl, dtype)] = _measure_memory(args, impl, dtype)
+    bw = bandwidth_gbs()
+    results = []
+    for dtype in dtypes:
+        model = build_model(config, _dtype(dtype))
+        wbytes = weight_bytes(model)
+        runners = [Ours(model, not args.no_engine)] + ([] if args.skip_hf else [Reference(model)])
+        ceiling = bw["read"] * 1e9 / wbytes
+        row = dict(dtype=dtype, weight_bytes=wbytes, ceiling_tps=ceiling, cells=[])
+        prompt = _prompt(1, args.prompt_len, config.vocab_size, 0)
+        for r in runners:  # warm-up: first calls pay for allocation and kernel selection
+            r.prefill(prompt[:, :16])
+            r.decode(_prompt(1, 4, config.vocab_size, 1), 2)
+        sec = _median_interleaved(runners, lambda r: r.prefill(prompt), args.repeats)
+        row["cells"].append(dict(metric=f"prefill {args.prompt_len}", unit="tok/s",
+                                 **{k: args.prompt_len / v for k, v in sec.items()}))
+        for B in batches:
+            ids = _prompt(B, args.context, config.vocab_size, B)
+            sec = _median_interleaved(runners, lambda r: r.decode(ids, args.decode_tokens), args.repeats)
+            tps = {k: B * args.decode_tokens / v for k, v in sec.items()}
+            row["cells"].append(dict(metric=f"decode batch {B}", unit="tok/s", batch=B, **tps,
+                                     gbs={k: wbytes * v / B / 1e9 for k, v in tps.items()}))
+        row["cells"].append(dict(metric="peak RSS", unit="GB",
+                                 **{i: (memory.get((i, dtype)) or float("nan")) / 1e9 for i in impls}))
+        results.append(row)
+        del runners, model
+    elapsed = time.perf_counter() - t_start
+
+    print(_table(results, impls, bw, args, config))
+    print(f"({elapsed:.0f} s; {args.threads} threads; {_cpu_model()}; commit {_commit()})")
+    if args.json:
+        out = dict(commit=_commit(), cpu=_cpu_model(), threads=args.threads, bandwidth_gbs=bw,
+                   layers=config.num_hidden_layers, engine=runners_engine(args),
+                   settings={k: v for k, v in vars(args).items() if k not in ("_child", "func")},
+                   results=results, seconds=elapsed)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+def runners_engine(args) -> bool:
+    if args.no_engine:
+        return False
+    try:
+        from ..engine import Engine  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _table(results, impls, bw, args, config) -> str:
+    hf = "transformers" in impls
+    head = ["dtype", "metric", "ours", "GB/s"] + (["transformers", "GB/s", "ours/hf"] if hf else []) + ["x batch 1"]
+    lines = []
+    for row in results:
+        single = next((c["ours"] for c in row["cells"] if c.get("batch") == 1), None)
+        for c in row["cells"]:
+            unit = c["unit"]
+            cells = [row["dtype"], f"{c['metric']} ({unit})", f"{c['ours']:.2f}",
+                     f"{c['gbs']['ours']:.1f}" if "gbs" in c else ""]
+            if hf:
+                cells += [f"{c['transformers']:.2f}", f"{c['gbs']['transformers']:.1f}" if "gbs" in c else "",
+                          f"{c['ours'] / c['transformers']:.2f}x" if unit != "GB" else
+                          f"{c['ours'] / c['transformers']:.2f}x"]
+            cells.append(f"{c['ours'] / single:.1f}x" if c.get("batch") and single else "")
+            lines.append(cells)
+        lines.append([row["dtype"], "ceiling batch 1 (tok/s)", f"{row['ceiling_tps']:.2f}",
+                      f"{bw['read']:.1f}"] + (["", "", ""] if hf else []) + [""])
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    fmt = lambda cs: "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(cs, widths)))  # noqa: E731
+    title = (f"EXAONE 4.0 1.2B shape ({config.num_hidden_layers} layers, random weights): prefill "
+             f"{args.prompt_len} tokens; decode {args.decode_tokens} steps after a {args.context}-token prompt; "
+             f"median of {args.repeats}; read bandwidth {bw['read']:.1f} GB/s (copy {bw['copy']:.1f})")
+    return "\n".join([title, fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_engine", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
