@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import inspect
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ from ..engine_types import ContextLengthError
 from .backend import Generation, Prepared, RequestError
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import Accumulator, ChatCompletionRequest, Choice, CompletionRequest, Usage, error_body, render
+from .upstream import UpstreamError
 
 log = logging.getLogger("exaone.server")
 
@@ -141,6 +143,11 @@ class _Server:
         started = dt.datetime.now(dt.timezone.utc)
         try:
             gen = self.backend.submit(prep, rid)
+            if inspect.isawaitable(gen):  # a remote backend (upstream.py) connects before answering
+                gen = await gen
+        except UpstreamError as e:
+            self._release(key)
+            raise APIError(e.status, e.message, e.type, e.param, e.code) from None
         except ContextLengthError as e:
             self._release(key)
             raise APIError(400, f"this model's maximum context length is {e.max_len} tokens: {e}",
@@ -172,7 +179,7 @@ class _Server:
             with anyio.CancelScope(shield=True):
                 usage = await run.finish()
         if gen.status == "error":
-            raise APIError(500, _failed(rid), type="server_error", code="generation_failed")
+            raise _gen_error(gen, rid)
         kind = "chat" if prep.chat else "text"
         return JSONResponse(render(kind, id=rid, model=model, created=created, choices=acc.choices, usage=usage,
                                    stream=False, logprobs=prep.params.logprobs))
@@ -202,8 +209,8 @@ class _Server:
                 calls[p.index] += len(p.tool_calls)
             usage = await run.finish()
             if gen.status == "error":
-                err = error_body(_failed(rid), "server_error", code="generation_failed")
-                yield f"data: {json.dumps(err)}\n\n"
+                e = _gen_error(gen, rid)
+                yield f"data: {json.dumps(error_body(e.message, e.type, e.param, e.code))}\n\n"
             elif include_usage:
                 yield chunk([], usage=usage)
             yield "data: [DONE]\n\n"
@@ -265,6 +272,13 @@ def _failed(rid: str) -> str:
     return f"the server failed while generating (request {rid}); please retry"
 
 
+def _gen_error(gen, rid: str) -> APIError:
+    e = getattr(gen, "api_error", None)  # a remote backend's failure: 502 upstream_error
+    if e is not None:
+        return APIError(e.status, e.message, e.type, e.param, e.code)
+    return APIError(500, _failed(rid), type="server_error", code="generation_failed")
+
+
 async def _watch_disconnect(request: Request, gen: Generation) -> None:
     while not gen.finished:
         if await request.is_disconnected():
@@ -318,6 +332,9 @@ def create_app(backend, ledger=None, no_auth: bool = False, limiter=None, pricin
 
     @app.get("/health")
     async def health():
+        if hasattr(backend, "health"):  # a remote backend probes its engines
+            h = await backend.health()
+            return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
         s = backend.stats()
         return {"status": "ok", "model": backend.model_name, "running": s.running, "waiting": s.waiting,
                 "free_slots": s.free_slots, "max_batch": s.max_batch}

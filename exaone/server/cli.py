@@ -1,4 +1,5 @@
-"""`exaone serve`: the OpenAI-compatible API (with the playground at /) over one local model.
+"""`exaone serve`: the OpenAI-compatible API (with the playground at /) over one local model, or,
+with `--upstream URL` (repeatable), in front of OpenAI-compatible engines such as vLLM (upstream.py).
 
 Keys live in the ledger (`exaone keys create NAME`); without keys the server refuses to start
 unless `--no-auth` says that serving everyone is meant.
@@ -10,7 +11,16 @@ import sys
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default=None, metavar="DIR", help="checkpoint directory (default: the embedded demo model)")
-    p.add_argument("--name", default=None, help="model id clients send (default: the checkpoint folder's name)")
+    p.add_argument("--name", "--model-name", dest="name", default=None,
+                   help="model id clients send (default: the checkpoint folder's name, or the upstream's model)")
+    p.add_argument("--upstream", action="append", default=None, metavar="URL",
+                   help="serve through an OpenAI-compatible engine at URL (e.g. http://gpu1:8000/v1) instead of "
+                        "a local model; repeat to balance across several")
+    p.add_argument("--upstream-key", default=None, metavar="KEY",
+                   help="API key sent to the upstream engines (default: $EXAONE_UPSTREAM_KEY)")
+    p.add_argument("--upstream-reasoning", default="auto", choices=("auto", "upstream", "front"),
+                   help="who splits reasoning from the answer: the engine (vLLM --reasoning-parser), the front "
+                        "(raw <think> text), or auto (per request)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--db", default=None, metavar="URL",
@@ -44,9 +54,20 @@ def run(args) -> int:
               f"    exaone keys create NAME{'' if args.db is None else ' --db ' + args.db}\n"
               f"or serve without keys with --no-auth.", file=sys.stderr)
         return 2
-    backend = LocalBackend(args.model, dtype=args.dtype, max_batch=args.max_batch, device=args.device,
-                           max_len=args.max_len, name=args.name,
-                           prefix_cache_bytes=None if args.prefix_cache_mb is None else args.prefix_cache_mb * 2**20).start()
+    if args.upstream:
+        import os
+
+        from .upstream import UpstreamBackend
+        try:
+            backend = UpstreamBackend(args.upstream, api_key=args.upstream_key or os.environ.get("EXAONE_UPSTREAM_KEY"),
+                                      name=args.name, reasoning=args.upstream_reasoning).start()
+        except RuntimeError as e:
+            print(f"exaone serve: {e}", file=sys.stderr)
+            return 2
+    else:
+        backend = LocalBackend(args.model, dtype=args.dtype, max_batch=args.max_batch, device=args.device,
+                               max_len=args.max_len, name=args.name,
+                               prefix_cache_bytes=None if args.prefix_cache_mb is None else args.prefix_cache_mb * 2**20).start()
     app = create_app(backend, ledger=ledger, no_auth=args.no_auth, limiter=Limiter(ledger), cors_origins=args.cors)
     print(f"exaone serve: {backend.model_name} on http://{args.host}:{args.port}  (playground at /, "
           f"ledger {ledger.display_url}{', no auth' if args.no_auth else ''})", file=sys.stderr)
