@@ -245,6 +245,29 @@ def test_balancing_spreads_requests(front):
     assert sum(spread) == 6 and min(spread) >= 2
 
 
+def test_client_gone_cancels_on_the_engine(front, engines):
+    before = _engine_rows(engines)
+    body = {"model": MODEL_NAME, "messages": USER, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    rid, seen = None, 0
+    with httpx.stream("POST", front.base_url + "/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {front.secret}"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                rid = json.loads(line[6:])["id"]
+                seen += 1
+                if seen == 3:
+                    break  # leaving the block closes the connection mid-stream
+    engine_row = _new_engine_row(engines, before)
+    assert wait_for(lambda: any(u["request_id"] == rid for u in front.ledger.usage()))
+    row = _front_row(front, rid)
+    # the engine stopped too, and billed its side; the front billed what reached it (no usage was reported)
+    assert engine_row["status"] == "cancelled" and row["status"] == "cancelled"
+    assert 3 <= row["completion_tokens"] <= engine_row["completion_tokens"] < 400 and row["prompt_tokens"] == 0
+    for e in engines:
+        assert wait_for(lambda: e.local.stats().free_slots == e.local.stats().max_batch)
+    assert wait_for(lambda: all(b.outstanding == 0 for b in front.upstream.backends))
+
+
 def test_refused_backend_is_retried_transparently(engines, tmp_path):
     dead = _dead_url()
     front = _front([dead, engines[0].url], tmp_path, cooldown=0.0)  # cooldown 0: the dead one keeps being tried
