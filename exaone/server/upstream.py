@@ -159,7 +159,7 @@ class UpstreamBackend:
             for b in self.backends:
                 try:
                     self._learn(b, c.get(b.url + "/models", headers=self._headers()))
-                except httpx.HTTPError as e:
+                except (httpx.HTTPError, UpstreamError) as e:
                     self._down(b, f"model discovery failed: {e!r}")
         if self._name is None and not any(b.model for b in self.backends):
             raise RuntimeError("no upstream answered /v1/models; name the model with --model-name")
@@ -261,10 +261,13 @@ class UpstreamBackend:
     def _learn(self, b: Upstream, r: httpx.Response) -> None:
         if r.status_code != 200:
             raise UpstreamError(502, f"upstream {b.url} answered /models with HTTP {r.status_code}")
-        data = (r.json().get("data") or [{}])[0]
-        b.model, b.max_len = data.get("id"), data.get("max_model_len")
+        try:
+            data = (r.json().get("data") or [{}])[0]
+            b.model, b.max_len = data.get("id"), data.get("max_model_len")
+        except (ValueError, AttributeError, IndexError, TypeError):
+            b.model = None
         if not b.model:
-            raise UpstreamError(502, f"upstream {b.url} lists no model")
+            raise UpstreamError(502, f"upstream {b.url} lists no model at /models")
 
     # ---- the engine ----------------------------------------------------------------------------
     async def submit(self, prep: UpstreamPrepared, request_id: str | None = None) -> "UpstreamGeneration":
