@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import time
 
 import httpx
@@ -200,6 +199,19 @@ def test_chat_stream_through_front(front, engines):
                                                        extra_body={"ignore_eos": True}))
     assert all(c.usage is None for c in chunks) and chunks[-1].choices[0].finish_reason == "length"
     assert not any((c.choices[0].delta.model_extra or {}).get("reasoning_content") for c in chunks)
+
+
+def test_n_and_logprobs_through_front(front, engines):
+    before = _engine_rows(engines)
+    r = front.client.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=4, n=2, seed=1,
+                                             logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1] and r.usage.completion_tokens == 8
+    for c in r.choices:
+        assert len(c.logprobs.content) == 4 and all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
+    assert _tokens(r.usage) == _tokens(_new_engine_row(engines, before))
+    lp = front.client.completions.create(model=MODEL_NAME, prompt="Seoul is", max_tokens=3, logprobs=2,
+                                         extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert len(lp.tokens) == 3 and lp.text_offset[0] == 0 and all(len(t) <= 2 for t in lp.top_logprobs)
 
 
 def test_completions_through_front(front):

@@ -20,7 +20,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import httpx
@@ -105,7 +105,6 @@ class UpstreamPrepared:
     prompt_estimate: int          # tokens, from characters (see CHARS_PER_TOKEN)
     max_len: int | None
     include_reasoning: bool = True
-    param_names: dict = field(default_factory=dict)
 
     @property
     def estimated_tokens(self) -> int:
