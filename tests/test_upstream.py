@@ -551,3 +551,20 @@ def test_serve_cli_upstream_wiring(scripted, tmp_path, monkeypatch):
                  "--db", f"sqlite:///{tmp_path / 'cli.db'}"]) == 0
     assert [m["id"] for m in seen["models"]["data"]] == ["served-model"]  # no --model-name: the engine's id
     assert seen["health"]["status"] == "ok" and [b["healthy"] for b in seen["health"]["backends"]] == [True, False]
+
+
+def test_reasoning_modes_when_the_engine_sent_no_reasoning(scripted):
+    """Thinking on, and the engine (with its own parser) sent content only: "upstream" keeps it as
+    content; "auto" cannot tell it from raw output and reads it as unfinished reasoning."""
+    scripted.script.chunks = [_chunk({"role": "assistant", "content": ""}), _chunk({"content": "9.9"}),
+                              _chunk(finish="stop")]
+    kw = dict(model="exaone-32b", messages=USER, extra_body={"enable_thinking": True})
+    scripted.upstream.reasoning = "upstream"
+    msg = scripted.client.chat.completions.create(**kw).choices[0].message
+    assert msg.content == "9.9" and msg.model_extra["reasoning_content"] == ""
+    scripted.upstream.reasoning = "auto"
+    msg = scripted.client.chat.completions.create(**kw).choices[0].message
+    assert msg.content == "" and msg.model_extra["reasoning_content"] == "9.9"
+    # thinking off: content is content in every mode
+    msg = scripted.client.chat.completions.create(model="exaone-32b", messages=USER).choices[0].message
+    assert msg.content == "9.9" and msg.model_extra["reasoning_content"] is None
