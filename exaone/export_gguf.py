@@ -155,6 +155,8 @@ def export_gguf(model_dir, out, outtype: str = "f16", force: bool = False) -> Pa
         raise ValueError(f"outtype must be one of {OUTTYPES}, got {outtype!r}")
     model_dir, out = Path(model_dir), Path(out)
     model = load(model_dir)  # validates names and shapes; stored dtype, converted per tensor below
+    if getattr(model, "quantization_config", None):
+        raise ValueError(f"{model_dir} is an exaone int8/int4 checkpoint: export GGUF from the float checkpoint")
     config = model.config
     if not force:
         check_llama_cpp_compatible(config)

@@ -88,10 +88,12 @@ class _open:
         return False
 
 
-def load(path=None, dtype=None, device=None) -> Exaone4ForCausalLM:
+def load(path=None, dtype=None, device=None, quantize=None) -> Exaone4ForCausalLM:
     """Load an EXAONE 4.0 checkpoint directory.
 
     dtype None or "auto": the dtype the tensors are stored in; device None: CPU.
+    quantize "int8" / "int4": weight-only quantize the decoder linears after loading (exaone.quant,
+    CPU); a directory written by exaone.quant.save_quantized loads quantized as it is.
     """
     from safetensors import safe_open
 
@@ -99,6 +101,9 @@ def load(path=None, dtype=None, device=None) -> Exaone4ForCausalLM:
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
     config = Exaone4Config.from_file(path / "config.json")
+    if "quantization_config" in config.extra:
+        from .quant import load_quantized
+        return load_quantized(path, dtype)
     dtype = parse_dtype(dtype)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
@@ -146,6 +151,9 @@ def load(path=None, dtype=None, device=None) -> Exaone4ForCausalLM:
     model.eval()
     model.requires_grad_(False)
     model.name_or_path = str(path)
+    if quantize:
+        from .quant import quantize_model
+        quantize_model(model, quantize)
     return model
 
 

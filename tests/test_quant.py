@@ -127,6 +127,20 @@ def test_save_load_round_trip(tmp_path, tied, method, lm_head):
     assert ("lm_head.weight" in names) == (not tied and not lm_head)
 
 
+def test_loader_quantizes_and_reads_quantized_directories(tmp_path):
+    from exaone.loader import load
+    from exaone.testing import make_random_checkpoint
+
+    make_random_checkpoint(tmp_path / "float", tiny_config(), tokenizer=False)
+    m = load(tmp_path / "float", quantize="int8")
+    assert isinstance(m.model.layers[0].mlp.up_proj, QuantLinear)
+    save_quantized(m, tmp_path / "int8")
+    back = load(tmp_path / "int8")
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(back(ids), m(ids))
+
+
 def test_weight_bytes_shrink():
     m = _model(hidden=256)
     dense = weight_bytes(m)
