@@ -31,7 +31,7 @@ from .model import Exaone4ForCausalLM
 class SpecStats:
     proposed: int = 0        # draft tokens offered to the target
     accepted: int = 0        # of which the target agreed with
-    target_passes: int = 0   # target forward passes after the prompt (one per round)
+    target_passes: int = 0   # target forward passes after the prompt's (one per round)
     draft_passes: int = 0    # draft forward passes after the prompt
     tokens: int = 0          # tokens emitted
 
@@ -41,8 +41,8 @@ class SpecStats:
 
     @property
     def tokens_per_pass(self) -> float:
-        """Emitted tokens per target forward (plain decoding: 1)."""
-        return self.tokens / self.target_passes if self.target_passes else 0.0
+        """Emitted tokens per target forward, the prompt's pass included (plain decoding: 1)."""
+        return self.tokens / (self.target_passes + 1) if self.tokens else 0.0
 
 
 class _Runner:
