@@ -27,6 +27,17 @@ BUDGET = 3                # thinking budget of the requests with thinking on
 WALL_S = 60
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Several engines share 2 busy cores: one intra-op thread each, or they thrash."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def loaded(chat_checkpoint, tmp_path_factory):
     from exaone.server.app import create_app
@@ -112,6 +123,7 @@ def test_load_with_dropped_clients_balances_the_books(loaded):
     assert set(rows) == {r["id"] for r in results}  # one row per request, under the id clients saw
     finished = [r for r in results if not r["dropped"]]
     dropped = [r for r in results if r["dropped"]]
+    forced = len(backend.engine.think_end_forced_ids)
     assert len(dropped) == N_REQUESTS // 3 and all(r["plan"]["drop_after"] for r in dropped)
     for r in finished:
         u, row = r["usage"], rows[r["id"]]
@@ -120,8 +132,8 @@ def test_load_with_dropped_clients_balances_the_books(loaded):
         assert (row["prompt_tokens"], row["completion_tokens"], row["reasoning_tokens"], row["cached_tokens"]) == \
             (u["prompt_tokens"], u["completion_tokens"], u["completion_tokens_details"]["reasoning_tokens"],
              u["prompt_tokens_details"]["cached_tokens"])
-        if r["plan"]["body"].get("enable_thinking"):
-            assert u["completion_tokens_details"]["reasoning_tokens"] >= BUDGET
+        if r["plan"]["body"].get("enable_thinking"):  # the budget, or less if the model closed it itself
+            assert 1 <= u["completion_tokens_details"]["reasoning_tokens"] <= BUDGET + forced
     for r in dropped:
         row = rows[r["id"]]
         assert row["status"] == "cancelled", row

@@ -24,6 +24,17 @@ from server_util import MODEL_NAME, LiveServer, chat_checkpoint, wait_for  # noq
 USER = [{"role": "user", "content": "Which is bigger, 9.11 or 9.9?"}]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Several engines share 2 busy cores: one intra-op thread each, or they thrash."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class _SlowGen:
     """A generation whose pieces reach the client `delay` s apart (so streams are long enough to cut)."""
 
@@ -190,7 +201,7 @@ def test_chat_stream_through_front(front, engines):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-2].choices[0].finish_reason == "length"
     assert len({c.id for c in chunks}) == 1
-    assert usage.completion_tokens_details.reasoning_tokens >= 2
+    assert usage.completion_tokens_details.reasoning_tokens >= 1  # sampled: the model may close it before 2
     assert _tokens(usage) == _tokens(_new_engine_row(engines, before)) == _tokens(_front_row(front, chunks[-1].id))
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "</think>" not in content
@@ -371,7 +382,13 @@ def test_engine_killed_mid_load(chat_checkpoint, tmp_path):
             async with httpx.AsyncClient(timeout=60) as c:
                 first = [asyncio.create_task(_stream(c, front.url, front.secret, started, counter, n, 64))
                          for _ in range(n)]
-                await asyncio.wait_for(started.wait(), 30)
+                waiter = asyncio.create_task(started.wait())
+                pending = {waiter, *first}
+                while not started.is_set():  # a stream that failed early says why, rather than a timeout
+                    done, pending = await asyncio.wait(pending, timeout=40, return_when=asyncio.FIRST_COMPLETED)
+                    assert done, f"streams stalled: {counter[0]} of {n} started"
+                    for t in done - {waiter}:
+                        t.result()
                 await asyncio.to_thread(_kill, a)
                 ev, cnt = asyncio.Event(), [0]
                 after = [asyncio.create_task(_stream(c, front.url, front.secret, ev, cnt, later, 8))
@@ -380,7 +397,7 @@ def test_engine_killed_mid_load(chat_checkpoint, tmp_path):
 
         t0 = time.monotonic()
         first, after = asyncio.run(go())
-        assert time.monotonic() - t0 < 45
+        assert time.monotonic() - t0 < 60
         failed = [r for r in first if r["error"] is not None]
         ok = [r for r in first + after if r["error"] is None]
         assert 1 <= len(failed) <= n // 2 + 1, [r["content_chunks"] for r in first]

@@ -258,15 +258,14 @@ class UpstreamBackend:
         log.warning("upstream %s set aside for %.0f s: %s", b.url, self.cooldown, why)
 
     def _learn(self, b: Upstream, r: httpx.Response) -> None:
-        if r.status_code != 200:
-            raise UpstreamError(502, f"upstream {b.url} answered /models with HTTP {r.status_code}")
         try:
-            data = (r.json().get("data") or [{}])[0]
+            data = (r.json().get("data") or [{}])[0] if r.status_code == 200 else {}
             b.model, b.max_len = data.get("id"), data.get("max_model_len")
         except (ValueError, AttributeError, IndexError, TypeError):
             b.model = None
-        if not b.model:
-            raise UpstreamError(502, f"upstream {b.url} lists no model at /models")
+        if not b.model:  # the detail names our engines: it goes to the log, not to clients
+            log.error("upstream %s: no model at /models (HTTP %s)", b.url, r.status_code)
+            raise UpstreamError(502, "the upstream engine did not say which model it serves; please retry")
 
     # ---- the engine ----------------------------------------------------------------------------
     async def submit(self, prep: UpstreamPrepared, request_id: str | None = None) -> "UpstreamGeneration":
@@ -289,8 +288,8 @@ class UpstreamBackend:
                 raise
             b.requests += 1
             return UpstreamGeneration(self, b, resp, prep, request_id or "")
-        raise UpstreamError(503, "no upstream engine could be reached; please retry (" + "; ".join(errors) + ")",
-                            code="upstream_unavailable")
+        log.error("no upstream reachable: %s", "; ".join(errors))
+        raise UpstreamError(503, "no upstream engine could be reached; please retry", code="upstream_unavailable")
 
     async def _open(self, b: Upstream, prep: UpstreamPrepared, request_id: str | None) -> httpx.Response:
         c, headers = self.client(), self._headers()
