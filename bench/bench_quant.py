@@ -5,8 +5,7 @@
 Quality: logits of a tiny model, float32 vs quantized: relative error, top-1 agreement, mean
 KL(float || quantized) per token, and the perplexity of 256 float-sampled tokens under each.
 The model is a random tiny one (Student-t weights, as tests/test_quant.py) unless --model names a
-checkpoint (e.g. the trained demo model), whose perplexity is then measured on the tokenizer's
-built-in corpus text.
+checkpoint (e.g. the trained demo model); --text FILE measures on that text instead of the samples.
 
 Speed: the EXAONE-4.0-1.2B shape (hidden 2048, 30 layers, 32/8 heads, head_dim 64, inter 4096,
 vocab 102400, tied) with random weights; --layers shortens it. Batch-1 decode through model +
@@ -57,12 +56,11 @@ def _quality(args) -> list[dict]:
     ref_model, tok = fresh()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        if tok is not None:
-            from exaone.tokenizer_build import DEFAULT_CORPUS
-
-            ids = torch.tensor([tok.encode("\n".join(DEFAULT_CORPUS))[:512]])
+        if args.text:
+            with open(args.text, encoding="utf-8") as f:
+                ids = torch.tensor([tok.encode(f.read())[:512]])
         else:  # text the float model itself finds likely: sample 256 tokens from it at temperature 1
-            ids = torch.tensor([[1]])
+            ids = torch.tensor([[ref_model.config.bos_token_id or 0]])
             for _ in range(255):
                 p = ref_model(ids)[0, -1].softmax(-1)
                 ids = torch.cat([ids, torch.multinomial(p, 1, generator=gen)[None]], 1)
@@ -78,7 +76,7 @@ def _quality(args) -> list[dict]:
 
     row("float32", ref)
     with torch.no_grad():
-        row("bfloat16 act (float32 weights)", fresh()[0].to(torch.bfloat16)(ids).float())
+        row("bfloat16 (weights and activations)", fresh()[0].to(torch.bfloat16)(ids).float())
         for method, group in (("int8", 128), ("int4", 32), ("int4", 128)):
             for lm in (False, True):
                 q = quantize_model(fresh()[0], method, group_size=group, lm_head=lm)
@@ -170,6 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--model", help="checkpoint for the quality part (default: a random tiny model)")
+    p.add_argument("--text", help="with --model: measure on this text file (default: 256 tokens sampled from the float model)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--json", metavar="PATH")
