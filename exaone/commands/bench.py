@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per run (default: %(default)s)")
     p.add_argument("--batches", default="1,4,16", help="concurrent sequences (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per cell, median reported (default: %(default)s)")
+    p.add_argument("--cell-budget", type=float, default=30.0,
+                   help="stop repeating a cell of one implementation after this many seconds (default: %(default)s)")
     p.add_argument("--layers", type=int, default=None, help="shorten the model (default: 30, the 1.2B)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers")
@@ -154,8 +156,8 @@ class Ours:
             self.model(ids, position_ids=pos, cache=cache, last_only=True)
             return time.perf_counter() - t
 
-    def decode(self, ids, steps: int) -> float:
-        """Seconds for `steps` decode steps of all rows of `ids` (prefill not counted)."""
+    def decode(self, ids, steps: int) -> tuple[float, int]:
+        """(seconds, tokens) of about `steps` decode steps of all rows of `ids` (prefill not counted)."""
         if self.engine_cls is not None:
             return self._decode_engine(ids, steps)
         import torch
@@ -171,9 +173,9 @@ class Ours:
             for i in range(steps):
                 logits = self.model(tok, position_ids=torch.full((B, 1), n + i), cache=cache, rows=rows)
                 tok = logits[:, -1].argmax(-1, keepdim=True)
-            return time.perf_counter() - t
+            return time.perf_counter() - t, B * steps
 
-    def _decode_engine(self, ids, steps: int) -> float:
+    def _decode_engine(self, ids, steps: int) -> tuple[float, int]:
         from ..engine import Engine, SamplingParams
 
         B = ids.shape[0]
@@ -187,9 +189,11 @@ class Ours:
             for i, h in enumerate(handles):
                 seen[i] += len(_drain(h))
             if start is None and all(s >= 1 for s in seen):
-                start = time.perf_counter()  # every sequence has its first token: decode begins
+                # Every sequence is prefilled (a step may already have decoded once after the
+                # last prefill chunk): from here on, every step is one batched decode.
+                start, before = time.perf_counter(), sum(seen)
             if all(s >= steps + 1 for s in seen):
-                return time.perf_counter() - start
+                return time.perf_counter() - start, sum(seen) - before
 
 
 def _drain(handle) -> list:
@@ -217,7 +221,7 @@ class Reference:
             self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
             return time.perf_counter() - t
 
-    def decode(self, ids, steps: int) -> float:
+    def decode(self, ids, steps: int) -> tuple[float, int]:
         import torch
 
         stamps = []
@@ -234,7 +238,7 @@ class Reference:
                                 min_new_tokens=steps + 1, do_sample=False, streamer=Streamer(),
                                 pad_token_id=0)
         # stamps: prompt, token 1 (after prefill), ..., token steps + 1
-        return stamps[-1] - stamps[1]
+        return stamps[-1] - stamps[1], ids.shape[0] * (len(stamps) - 2)
 
 
 # ---- the run -----------------------------------------------------------------------------
@@ -265,24 +269,39 @@ def _child(args) -> int:
     return 0
 
 
-def _measure_memory(args, impl: str, dtype: str) -> int | None:
-    cmd = [sys.executable, "-m", "exaone.commands.bench", "--_child", impl, dtype,
-           "--prompt-len", str(args.prompt_len), "--context", str(args.context), "--batches", args.batches,
-           "--threads", str(args.threads)] + (["--layers", str(args.layers)] if args.layers else []) \
-        + (["--no-engine"] if args.no_engine else [])
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        print(f"memory child {impl} {dtype} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(r.stdout.strip().splitlines()[-1])["peak_rss"]
+def _measure_memory(args, impls: list[str], dtype: str) -> dict[str, float]:
+    """Peak RSS in bytes per implementation, each from its own child process."""
+    procs = {}
+    for impl in impls:
+        cmd = [sys.executable, "-m", "exaone.commands.bench", "--_child", impl, dtype,
+               "--prompt-len", str(args.prompt_len), "--context", str(args.context), "--batches", args.batches,
+               "--threads", str(args.threads)] + (["--layers", str(args.layers)] if args.layers else []) \
+            + (["--no-engine"] if args.no_engine else [])
+        procs[impl] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = {}
+    for impl, p in procs.items():
+        stdout, stderr = p.communicate()
+        if p.returncode != 0:
+            print(f"memory child {impl} {dtype} failed:\n{stderr[-2000:]}", file=sys.stderr)
+            continue
+        out[impl] = float(json.loads(stdout.strip().splitlines()[-1])["peak_rss"])
+    return out
 
 
-def _median_interleaved(runners, fn, repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
+def _median_interleaved(runners, fn, repeats: int, budget: float) -> dict[str, float]:
+    """Median rate per runner; fn(runner) -> (seconds, tokens). Runners alternate within a repeat;
+    a runner whose cell has already taken `budget` seconds is not repeated (slow cells, busy machines)."""
+    rates: dict[str, list[float]] = {r.name: [] for r in runners}
+    spent = {r.name: 0.0 for r in runners}
     for _ in range(repeats):
         for r in runners:
-            times[r.name].append(fn(r))
-    return {k: statistics.median(v) for k, v in times.items()}
+            if spent[r.name] >= budget:
+                continue
+            t = time.perf_counter()
+            sec, tokens = fn(r)
+            spent[r.name] += time.perf_counter() - t
+            rates[r.name].append(tokens / sec)
+    return {k: statistics.median(v) for k, v in rates.items()}
 
 
 def _commit() -> str | None:
@@ -317,14 +336,11 @@ def run(args) -> int:
     impls = ["ours"] + ([] if args.skip_hf else ["transformers"])
     t_start = time.perf_counter()
 
-    memory = {}
-    if not args.skip_memory:  # children first, while this process is small
-        for dtype in dtypes:
-            for impl in impls:
-                memory[(impl, dtype)] = _measure_memory(args, impl, dtype)
     bw = bandwidth_gbs()
     results = []
     for dtype in dtypes:
+        more = bandwidth_gbs()  # again per dtype: the best seen is the machine's, not the moment's
+        bw = {k: max(bw[k], more[k]) for k in bw}
         model = build_model(config, _dtype(dtype))
         wbytes = weight_bytes(model)
         runners = [Ours(model, not args.no_engine)] + ([] if args.skip_hf else [Reference(model)])
@@ -334,19 +350,26 @@ def run(args) -> int:
         for r in runners:  # warm-up: first calls pay for allocation and kernel selection
             r.prefill(prompt[:, :16])
             r.decode(_prompt(1, 4, config.vocab_size, 1), 2)
-        sec = _median_interleaved(runners, lambda r: r.prefill(prompt), args.repeats)
-        row["cells"].append(dict(metric=f"prefill {args.prompt_len}", unit="tok/s",
-                                 **{k: args.prompt_len / v for k, v in sec.items()}))
+        tps = _median_interleaved(runners, lambda r: (r.prefill(prompt), args.prompt_len), args.repeats, args.cell_budget)
+        row["cells"].append(dict(metric=f"prefill {args.prompt_len}", unit="tok/s", **tps))
+        _progress(dtype, row["cells"][-1])
         for B in batches:
             ids = _prompt(B, args.context, config.vocab_size, B)
-            sec = _median_interleaved(runners, lambda r: r.decode(ids, args.decode_tokens), args.repeats)
-            tps = {k: B * args.decode_tokens / v for k, v in sec.items()}
+            tps = _median_interleaved(runners, lambda r: r.decode(ids, args.decode_tokens), args.repeats,
+                                       args.cell_budget)
             row["cells"].append(dict(metric=f"decode batch {B}", unit="tok/s", batch=B, **tps,
                                      gbs={k: wbytes * v / B / 1e9 for k, v in tps.items()}))
-        row["cells"].append(dict(metric="peak RSS", unit="GB",
-                                 **{i: (memory.get((i, dtype)) or float("nan")) / 1e9 for i in impls}))
+            _progress(dtype, row["cells"][-1])
         results.append(row)
         del runners, model
+    # Peak RSS last, one child per (implementation, dtype); the two of a dtype run side by side
+    # (timings are done, and RSS does not depend on speed).
+    for row in results:
+        mem = _measure_memory(args, impls, row["dtype"]) if not args.skip_memory else {}
+        row["cells"].append(dict(metric="peak RSS", unit="GB", **{i: mem.get(i, float("nan")) / 1e9 for i in impls}))
+        _progress(row["dtype"], row["cells"][-1])
+    for row in results:  # against the best bandwidth seen in the run
+        row["ceiling_tps"] = bw["read"] * 1e9 / row["weight_bytes"]
     elapsed = time.perf_counter() - t_start
 
     print(_table(results, impls, bw, args, config))
@@ -361,6 +384,11 @@ def run(args) -> int:
     return 0
 
 
+def _progress(dtype: str, cell: dict) -> None:
+    vals = ", ".join(f"{k} {v:.2f}" for k, v in cell.items() if isinstance(v, float))
+    print(f"  {dtype} {cell['metric']}: {vals} {cell['unit']}", file=sys.stderr, flush=True)
+
+
 def runners_engine(args) -> bool:
     if args.no_engine:
         return False
@@ -371,6 +399,10 @@ def runners_engine(args) -> bool:
         return False
 
 
+def _num(v: float, fmt: str) -> str:
+    return "-" if v != v else fmt.format(v)  # NaN (not measured) -> "-"
+
+
 def _table(results, impls, bw, args, config) -> str:
     hf = "transformers" in impls
     head = ["dtype", "metric", "ours", "GB/s"] + (["transformers", "GB/s", "ours/hf"] if hf else []) + ["x batch 1"]
@@ -379,13 +411,13 @@ def _table(results, impls, bw, args, config) -> str:
         single = next((c["ours"] for c in row["cells"] if c.get("batch") == 1), None)
         for c in row["cells"]:
             unit = c["unit"]
-            cells = [row["dtype"], f"{c['metric']} ({unit})", f"{c['ours']:.2f}",
-                     f"{c['gbs']['ours']:.1f}" if "gbs" in c else ""]
+            cells = [row["dtype"], f"{c['metric']} ({unit})", _num(c["ours"], "{:.2f}"),
+                     _num(c["gbs"]["ours"], "{:.1f}") if "gbs" in c else ""]
             if hf:
-                cells += [f"{c['transformers']:.2f}", f"{c['gbs']['transformers']:.1f}" if "gbs" in c else "",
-                          f"{c['ours'] / c['transformers']:.2f}x" if unit != "GB" else
-                          f"{c['ours'] / c['transformers']:.2f}x"]
-            cells.append(f"{c['ours'] / single:.1f}x" if c.get("batch") and single else "")
+                cells += [_num(c["transformers"], "{:.2f}"),
+                          _num(c["gbs"]["transformers"], "{:.1f}") if "gbs" in c else "",
+                          _num(c["ours"] / c["transformers"], "{:.2f}x")]
+            cells.append(_num(c["ours"] / single, "{:.1f}x") if c.get("batch") and single else "")
             lines.append(cells)
         lines.append([row["dtype"], "ceiling batch 1 (tok/s)", f"{row['ceiling_tps']:.2f}",
                       f"{bw['read']:.1f}"] + (["", "", ""] if hf else []) + [""])
