@@ -2,7 +2,8 @@
 run in llama.cpp and compared with our model: greedy tokens and logits.
 
 Checkpoints: dense untied, dense tied with llama3 RoPE scaling (1.2B-like), hybrid LLLG with 64
-layers (the only depth llama.cpp runs with sliding windows: the 32B's), and a 4-layer hybrid,
+layers (the only depth llama.cpp runs with sliding windows: the 32B's), an embedding padded past
+the tokenizer's vocabulary, and a 4-layer hybrid,
 which the exporter refuses unless forced because llama.cpp would run it without windows.
 """
 from __future__ import annotations
@@ -24,7 +25,10 @@ CASES = {
     "tied_llama3": dict(sliding_window=None, sliding_window_pattern=None, tie_word_embeddings=True,
                         rope_scaling=LLAMA3, rope_theta=1e6),
     "hybrid64": dict(num_hidden_layers=64, sliding_window=4, sliding_window_pattern="LLLG"),
+    # embedding rows beyond the tokenizer (real checkpoints pad the vocabulary): "[PADn]", unused
+    "padded_vocab": dict(sliding_window=None, sliding_window_pattern=None),
 }
+PAD_ROWS = 95
 TEXT = "The quick brown fox jumps over the lazy dog. 안녕하세요, ¿cómo estás?"
 
 
@@ -32,8 +36,23 @@ TEXT = "The quick brown fox jumps over the lazy dog. 안녕하세요, ¿cómo es
 def exported(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     make_random_checkpoint(d / "ckpt", tiny_config(**CASES[request.param]))
+    if request.param == "padded_vocab":
+        _pad_vocab(d / "ckpt", PAD_ROWS)
     out = export_gguf(d / "ckpt", d / "model.gguf", outtype="f32")
     return request.param, d / "ckpt", out
+
+
+def _pad_vocab(ckpt, rows):
+    from exaone.loader import save
+
+    m = exaone.load(ckpt)
+    m.config.vocab_size += rows
+    emb = torch.nn.Embedding(m.config.vocab_size, m.config.hidden_size)
+    emb.weight.data[: -rows] = m.model.embed_tokens.weight
+    head = torch.nn.Linear(m.config.hidden_size, m.config.vocab_size, bias=False)
+    head.weight.data[: -rows] = m.lm_head.weight
+    m.model.embed_tokens, m.lm_head = emb, head
+    save(m, ckpt)
 
 
 def _fields(path):
@@ -87,8 +106,11 @@ def test_tokenizer_fields(exported):
     _, kv = _fields(path)
     assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "exaone4"
     tokens = kv["tokenizer.ggml.tokens"]
-    assert len(tokens) == len(tok) and tokens[:3] == ["[PAD]", "[BOS]", "[EOS]"]
+    assert len(tokens) == exaone.Exaone4Config.from_file(ckpt).vocab_size
+    assert tokens[:3] == ["[PAD]", "[BOS]", "[EOS]"]
     types = kv["tokenizer.ggml.token_type"]
+    if len(tokens) > len(tok):
+        assert tokens[len(tok)] == f"[PAD{len(tok)}]" and set(types[len(tok):]) == {5}
     assert types[tokens.index("[|endofturn|]")] == 3 and types[tokens.index("<think>")] == 4
     assert len(kv["tokenizer.ggml.merges"]) > 100 and " " in kv["tokenizer.ggml.merges"][0]
     ids = dict(zip(("bos", "eos", "pad"), tok.convert_tokens_to_ids(["[BOS]", "[|endofturn|]", "[PAD]"])))
