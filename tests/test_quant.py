@@ -158,3 +158,17 @@ def test_bad_arguments_are_rejected():
         QuantLinear.from_linear(torch.nn.Linear(64, 24, bias=False), "int4", 32)
     with pytest.raises(ValueError, match="not quantized"):
         save_quantized(_model(), "/nonexistent")
+
+
+def test_export_command_writes_a_runnable_directory(tmp_path):
+    import exaone
+    from exaone.cli import main
+    from exaone.testing import make_random_checkpoint
+
+    make_random_checkpoint(tmp_path / "float", tiny_config())
+    assert main(["export", "--format", "int4", "--model", str(tmp_path / "float"), "--out", str(tmp_path / "q"),
+                 "--group-size", "32"]) == 0
+    assert (tmp_path / "q" / "tokenizer.json").is_file()
+    m = exaone.load(tmp_path / "q")
+    assert m.quantization_config["quant_method"] == "exaone-int4"
+    assert exaone.load_tokenizer(tmp_path / "q").encode("hi")

@@ -29,5 +29,12 @@ def run(args) -> int:
 
     model = quantize_model(load(args.model), args.format, group_size=args.group_size, lm_head=args.lm_head)
     path = save_quantized(model, args.out)
+    import shutil
+    from pathlib import Path
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "generation_config.json"):  # so the directory runs as is
+        if (Path(args.model) / name).is_file():
+            shutil.copy(Path(args.model) / name, path / name)
     print(f"wrote {path} ({args.format}, {weight_bytes(model) / 1e6:.1f} MB of weights read per token)")
     return 0
