@@ -347,7 +347,7 @@ class _Choice:
         self.upstream_splits = False   # the engine sent reasoning fields: it splits, we do not
         self.calls: dict[int, dict] = {}  # tool-call deltas by their index, until the choice ends
         self.made_calls = False
-        self.chunks = 0                # chunks that carried output (one token each at most)
+        self.chunks = 0                # tokens streamed, as far as chunks tell (see usage())
         self.reasoning_chunks = 0
         self.finish: str | None = None
 
@@ -449,8 +449,7 @@ class UpstreamGeneration:
         for k, (tok, val) in enumerate(zip(lp.get("tokens") or [], lp.get("token_logprobs") or [])):
             top = tuple((t, v) for t, v in (tops[k] or {}).items()) if k < len(tops) else ()
             p.logprobs.append(TokenLogprob(tok, val if val is not None else 0.0, top))
-        if p.content:
-            c.chunks += 1
+        c.chunks += max(int(bool(p.content)), len(p.logprobs))
         if ch.get("finish_reason"):
             p.finish_reason = c.finish = ch["finish_reason"]
         return p
@@ -485,12 +484,13 @@ class UpstreamGeneration:
             slot["id"] = tc.get("id") or slot["id"]
             slot["name"] += fn.get("name") or ""
             slot["arguments"] += fn.get("arguments") or ""
-        if r or text or d.get("tool_calls"):
-            c.chunks += 1
         lp = (ch.get("logprobs") or {}).get("content") or []
         for t in lp:
             top = tuple((x.get("token", ""), x.get("logprob", 0.0)) for x in t.get("top_logprobs") or [])
             p.logprobs.append(TokenLogprob(t.get("token", ""), t.get("logprob", 0.0), top))
+        # tokens seen: one per logprob entry (exact; a token whose text is held back still has
+        # one), else one per chunk that carried output
+        c.chunks += max(int(bool(r or text or d.get("tool_calls"))), len(p.logprobs))
         reason = ch.get("finish_reason")
         if reason:
             if c.parser:
@@ -545,8 +545,9 @@ class UpstreamGeneration:
         """Billing rule: the engine's usage, as it reported it. A stream cut short (client gone,
         engine died) is billed for the engine's last report (vLLM reports in every chunk with
         continuous_usage_stats) or, if that is less, for what was streamed: one completion token
-        per chunk that carried output (an engine sends at most one chunk per token, so this never
-        over-bills); prompt tokens only as reported, else 0. Reasoning tokens: the engine's
+        per logprob entry, or per chunk that carried output when there are none (an engine sends
+        at most one chunk per token, so this never over-bills); prompt tokens only as reported,
+        else 0. Reasoning tokens: the engine's
         `completion_tokens_details.reasoning_tokens`, else the chunks that carried reasoning."""
         u = self.reported or {}
         streamed = sum(c.chunks for c in self.choices)
