@@ -229,6 +229,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, lm_head
         raise ValueError(f"int4 group_size must be one of {INT4_GROUPS}, got {group_size}")
     if isinstance(act_dtype, str):
         act_dtype = getattr(torch, act_dtype)
+    if getattr(model, "quantization_config", None):
+        raise ValueError(f"model is already quantized ({model.quantization_config['quant_method']})")
     if model.device.type != "cpu":
         raise ValueError(f"quantize_model targets CPU kernels; the model is on {model.device}")
     for parent, name in list(_targets(model, lm_head)):

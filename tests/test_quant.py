@@ -156,6 +156,8 @@ def test_bad_arguments_are_rejected():
         quantize_model(_model(), "int4", group_size=100)
     with pytest.raises(ValueError, match="divisible by 16"):
         QuantLinear.from_linear(torch.nn.Linear(64, 24, bias=False), "int4", 32)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(quantize_model(_model(), "int8"), "int4")
     with pytest.raises(ValueError, match="not quantized"):
         save_quantized(_model(), "/nonexistent")
 
