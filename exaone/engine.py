@@ -80,11 +80,13 @@ class Engine:
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  prefill_chunk: int = 512, think_end_ids: Sequence[int] | None = None,
                  think_end_forced_ids: Sequence[int] | None = None,
-                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES, prefix_block_size: int = BLOCK_SIZE):
+                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES, prefix_block_size: int = BLOCK_SIZE,
+                 compile: bool = False):
         """`think_end_ids`: the ids of `</think>` (default: encoded by the tokenizer);
         `think_end_forced_ids`: what a spent thinking budget forces (default: THINK_END_FORCED
         encoded, or `think_end_ids` without a tokenizer); `prefix_cache_bytes`: budget of the
-        prefix cache (0 disables it), see prefix_cache.py."""
+        prefix cache (0 disables it), see prefix_cache.py; `compile`: decode steps through
+        `torch.compile` with fixed shapes (exaone/compiled.py, docs/compiled-decode.md)."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model = model
@@ -107,6 +109,9 @@ class Engine:
         self.prefix_cache = (PrefixCache(self.cache, prefix_cache_bytes, prefix_block_size)
                              if prefix_cache_bytes > 0 else None)
         self.device = model.device
+        self._compiled = None
+        if compile:
+            self.enable_compile()
 
         self.running: list[_Seq] = []       # index = cache row
         self.prefilling: _Request | None = None
@@ -123,6 +128,12 @@ class Engine:
                              requests_finished=0, requests_cancelled=0, cached_tokens=0)
 
     # ---- public API ------------------------------------------------------------------------
+    def enable_compile(self, **kw) -> None:
+        """Decode through `torch.compile` from now on (kw: see exaone.compiled.CompiledDecode)."""
+        from .compiled import CompiledDecode
+        with self._step_lock:
+            self._compiled = CompiledDecode(self.model, self.cache, **kw)
+
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
                request_id: str | None = None) -> RequestHandle:
         params = params if params is not None else SamplingParams()
@@ -324,7 +335,10 @@ class Engine:
         B = len(seqs)
         toks = torch.tensor([[s.pending] for s in seqs], device=self.device)
         pos = torch.tensor([[s.n_fed] for s in seqs], device=self.device)
-        logits = self.model(toks, position_ids=pos, cache=self.cache, rows=slice(0, B))[:, -1]
+        if self._compiled is not None:
+            logits = self._compiled(toks, pos)
+        else:
+            logits = self.model(toks, position_ids=pos, cache=self.cache, rows=slice(0, B))[:, -1]
         pc = self.prefix_cache
         for r, s in enumerate(seqs):
             s.n_fed += 1

@@ -29,7 +29,7 @@ def run(args) -> int:
     console = Console(highlight=False)
     model = exaone.load(args.model, dtype=args.dtype, device=args.device)
     tok = exaone.load_tokenizer(args.model)
-    engine = Engine(model, tokenizer=tok, max_batch=1)
+    engine = Engine(model, tokenizer=tok, max_batch=1, compile=args.compile)
     think, budget = args.think, args.thinking_budget
     history: list[dict] = []
     console.print(f"[bold]exaone chat[/bold] — {getattr(model, 'name_or_path', 'model')}   {HELP}")

@@ -5,6 +5,7 @@ The prompt goes through the checkpoint's chat template (non-reasoning unless --t
 """
 from __future__ import annotations
 
+import argparse
 import time
 
 
@@ -12,6 +13,8 @@ def add_model_arguments(p) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (as stored)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the decode step (default: off; see docs/compiled-decode.md)")
 
 
 def add_sampling_arguments(p) -> None:
@@ -64,7 +67,7 @@ def run(args) -> int:
         messages.append({"role": "user", "content": args.prompt})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=args.think)
     params = sampling_params(args, ignore_eos=args.raw)
-    engine = Engine(model, tokenizer=tok, max_batch=1)
+    engine = Engine(model, tokenizer=tok, max_batch=1, compile=args.compile)
     parser = ReasoningParser(enable_thinking=args.think and not args.raw)
     show = Printer(console)
     t0, last = time.perf_counter(), None

@@ -6,6 +6,7 @@ unless `--no-auth` says that serving everyone is meant.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -33,6 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("--prices", default=None, metavar="FILE", help="prices per model, .json or .toml (see pricing.py)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (as stored)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the local engine's decode step (default: off; see docs/compiled-decode.md)")
     p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN call the API (repeatable; '*' for any)")
     p.add_argument("--log-level", default="info")
@@ -67,7 +70,10 @@ def run(args) -> int:
     else:
         backend = LocalBackend(args.model, dtype=args.dtype, max_batch=args.max_batch, device=args.device,
                                max_len=args.max_len, name=args.name,
-                               prefix_cache_bytes=None if args.prefix_cache_mb is None else args.prefix_cache_mb * 2**20).start()
+                               prefix_cache_bytes=None if args.prefix_cache_mb is None else args.prefix_cache_mb * 2**20)
+        if getattr(args, "compile", False):
+            backend.engine.enable_compile()
+        backend.start()
     app = create_app(backend, ledger=ledger, no_auth=args.no_auth, limiter=Limiter(ledger), cors_origins=args.cors)
     print(f"exaone serve: {backend.model_name} on http://{args.host}:{args.port}  (playground at /, "
           f"ledger {ledger.display_url}{', no auth' if args.no_auth else ''})", file=sys.stderr)
