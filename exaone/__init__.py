@@ -1,7 +1,7 @@
 """exaone: EXAONE 4.0 in plain PyTorch.
 
 Public API (names users know from transformers / vLLM):
-    exaone.load(path, dtype=None, device=None)      -> Exaone4ForCausalLM (torch.nn.Module)
+    exaone.load(path, dtype=None, device=None, quantize=None) -> Exaone4ForCausalLM (torch.nn.Module)
     exaone.save(model, path, tokenizer=None)        -> writes config.json + model.safetensors
     exaone.load_tokenizer(path)                     -> Tokenizer
 """
@@ -10,9 +10,10 @@ from .config import Exaone4Config, ConfigError
 __version__ = "0.1.0"
 
 
-def load(path=None, dtype=None, device=None):
+def load(path=None, dtype=None, device=None, quantize=None):
+    """quantize: None, "int8" or "int4" (weight-only, see docs/quantization.md)."""
     from .loader import load as _load
-    return _load(path, dtype=dtype, device=device)
+    return _load(path, dtype=dtype, device=device, quantize=quantize)
 
 
 def save(model, path, tokenizer=None, max_shard_bytes=None):
