@@ -1,7 +1,7 @@
 """Speculative decoding speed-up on random-weight models (exaone.speculative).
 
-    python bench/bench_speculative.py [--hidden 768] [--layers 12] [--draft-layers 2] [--tail-scale 0.03] [--drafts trunc,trunc-int4,int4,bf16]
-                                      [--k 2,4,6] [--tokens 64] [--prompt 128] [--repeats 3]
+    python bench/bench_speculative.py [--hidden 768] [--layers 12] [--draft-layers 2] [--tail-scale 0.03]
+        [--drafts trunc,trunc-int4,int4,bf16] [--k 2,4,6] [--tokens 64] [--prompt 128] [--repeats 3] [--threads 1]
 
 Target: a hybrid (LLLG) random model of the given shape, float32. Random weights give no small
 model that agrees with them, so the target is built to have one: the post-norm weights of its
@@ -9,10 +9,11 @@ layers past `--draft-layers` are scaled by `--tail-scale`, so those layers nudge
 stream instead of rewriting it (a trained model's later layers refine, too; this is a stand-in,
 not a claim about real drafts). Drafts: `trunc` (the target's first `--draft-layers` layers, its
 final norm and lm_head), `trunc-int4` (that, int4), `int4` / `int8` (exaone.quant.quantize_model
-of a bf16 copy of the whole target), `bf16` (a bfloat16 copy). Every run is checked token for token against plain cached greedy decoding of the
-target (`exaone.generate.generate`). Plain and speculative runs are interleaved and the median of
-`--repeats` is printed, since the machine may be shared. Printed per draft and k: acceptance
-rate, tokens per target pass, tokens/s, speed-up, GB/s of weights read, peak RSS.
+of a bf16 copy of the whole target), `bf16` (a bfloat16 copy). Every run is checked token for
+token against plain cached greedy decoding of the target (`exaone.generate.generate`). Plain
+and speculative runs are interleaved and the median of `--repeats` is printed, since the machine
+may be shared. Printed per draft and k: acceptance rate, tokens per target pass (the prompt's
+included), tokens/s, speed-up, GB/s of weights read (target and draft), peak RSS.
 """
 from __future__ import annotations
 

@@ -178,5 +178,6 @@ class PrefixCache:
     def block_bytes(self) -> int:
         """Bytes one stored block takes (global layers: block_size tokens; sliding: tail tokens)."""
         c = self.cache
-        per_token = 2 * c.config.num_key_value_heads * c.config.head_dim * torch.tensor([], dtype=c.dtype).element_size()
+        itemsize = torch.tensor([], dtype=c.dtype).element_size()
+        per_token = 2 * c.config.num_key_value_heads * c.config.head_dim * itemsize
         return per_token * sum(self.tail if s else self.block_size for s in c.sliding)
