@@ -179,21 +179,27 @@ class Ours:
         from ..engine import Engine, SamplingParams
 
         B = ids.shape[0]
-        engine = Engine(self.model, max_batch=B, max_len=ids.shape[1] + steps + 2, prefix_cache_bytes=0)
-        params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
+        # Sequences are admitted one prefill per step, so the first ones are ahead by up to B
+        # tokens: max_tokens leaves room for that, and timing covers exactly `steps` steps at the
+        # full batch (no sequence finishes inside the window).
+        engine = Engine(self.model, max_batch=B, max_len=ids.shape[1] + steps + B + 2, prefix_cache_bytes=0)
+        params = SamplingParams(temperature=0.0, max_tokens=steps + B + 1, ignore_eos=True)
         handles = [engine.submit(ids[i].tolist(), params) for i in range(B)]
         seen = [0] * B
-        start = None
-        while True:
+        while not all(s >= 1 for s in seen):
             engine.step()
             for i, h in enumerate(handles):
                 seen[i] += len(_drain(h))
-            if start is None and all(s >= 1 for s in seen):
-                # Every sequence is prefilled (a step may already have decoded once after the
-                # last prefill chunk): from here on, every step is one batched decode.
-                start, before = time.perf_counter(), sum(seen)
-            if all(s >= steps + 1 for s in seen):
-                return time.perf_counter() - start, sum(seen) - before
+        t, before = time.perf_counter(), sum(seen)
+        for _ in range(steps):
+            engine.step()
+        sec = time.perf_counter() - t
+        for i, h in enumerate(handles):
+            seen[i] += len(_drain(h))
+        for h in handles:
+            h.cancel()
+        engine.step()  # applies the cancellations
+        return sec, sum(seen) - before
 
 
 def _drain(handle) -> list:
