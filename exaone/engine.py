@@ -110,8 +110,6 @@ class Engine:
                              if prefix_cache_bytes > 0 else None)
         self.device = model.device
         self._compiled = None
-        if compile:
-            self.enable_compile()
 
         self.running: list[_Seq] = []       # index = cache row
         self.prefilling: _Request | None = None
@@ -126,6 +124,8 @@ class Engine:
         self.counters = dict(steps=0, decode_steps=0, prefill_chunks=0, prompt_tokens=0,
                              tokens_generated=0, batch_tokens=0, max_batch_seen=0,
                              requests_finished=0, requests_cancelled=0, cached_tokens=0)
+        if compile:
+            self.enable_compile()
 
     # ---- public API ------------------------------------------------------------------------
     def enable_compile(self, **kw) -> None:
