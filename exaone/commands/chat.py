@@ -27,7 +27,7 @@ def run(args) -> int:
     from exaone.reasoning import ReasoningParser
 
     console = Console(highlight=False)
-    model = exaone.load(args.model, dtype=args.dtype, device=args.device)
+    model = exaone.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     tok = exaone.load_tokenizer(args.model)
     engine = Engine(model, tokenizer=tok, max_batch=1, compile=args.compile)
     think, budget = args.think, args.thinking_budget

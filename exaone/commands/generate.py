@@ -13,6 +13,8 @@ def add_model_arguments(p) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (as stored)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization at load time (see docs/quantization.md)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the decode step (default: off; see docs/compiled-decode.md)")
 
@@ -58,7 +60,7 @@ def run(args) -> int:
     from .chat import Printer
 
     console = Console(highlight=False)
-    model = exaone.load(args.model, dtype=args.dtype, device=args.device)
+    model = exaone.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     tok = exaone.load_tokenizer(args.model)
     if args.raw:
         ids = tok.encode(args.prompt)

@@ -221,13 +221,13 @@ class LocalBackend:
 
     def __init__(self, model_dir=None, dtype: str = "auto", max_batch: int = 16, device: str | None = None,
                  max_len: int | None = None, prefill_chunk: int = 512, name: str | None = None,
-                 prefix_cache_bytes: int | None = None):
+                 prefix_cache_bytes: int | None = None, quantize: str | None = None):
         import exaone
         from ..engine import Engine
         from ..loader import default_model_path
 
         path = Path(model_dir) if model_dir is not None else default_model_path()
-        self.model = exaone.load(path, dtype=dtype, device=device)
+        self.model = exaone.load(path, dtype=dtype, device=device, quantize=quantize)
         self.tokenizer = exaone.load_tokenizer(path)
         extra = {} if prefix_cache_bytes is None else {"prefix_cache_bytes": prefix_cache_bytes}
         self.engine = Engine(self.model, tokenizer=self.tokenizer, max_batch=max_batch, max_len=max_len,

@@ -34,6 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("--prices", default=None, metavar="FILE", help="prices per model, .json or .toml (see pricing.py)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (as stored)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization at load time (see docs/quantization.md)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the local engine's decode step (default: off; see docs/compiled-decode.md)")
     p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
@@ -68,7 +70,7 @@ def run(args) -> int:
             print(f"exaone serve: {e}", file=sys.stderr)
             return 2
     else:
-        backend = LocalBackend(args.model, dtype=args.dtype, max_batch=args.max_batch, device=args.device,
+        backend = LocalBackend(args.model, dtype=args.dtype, quantize=args.quantize, max_batch=args.max_batch, device=args.device,
                                max_len=args.max_len, name=args.name,
                                prefix_cache_bytes=None if args.prefix_cache_mb is None else args.prefix_cache_mb * 2**20)
         if getattr(args, "compile", False):
