@@ -40,6 +40,16 @@ class RequestError(ValueError):
         self.param = param
 
 
+def template_kwargs(req: ChatCompletionRequest, rc) -> dict:
+    """The client's chat_template_kwargs, minus the names the server sets, with the decided enable_thinking."""
+    kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in RESERVED_TEMPLATE_KWARGS}
+    if not isinstance(kwargs.get("enable_thinking", False), bool):
+        raise RequestError("chat_template_kwargs.enable_thinking must be true or false",
+                           "chat_template_kwargs.enable_thinking")
+    kwargs["enable_thinking"] = rc.enable_thinking
+    return kwargs
+
+
 @dataclass
 class Prepared:
     prompt_ids: list[int]
@@ -249,11 +259,7 @@ class LocalBackend:
     # ---- requests -> prompt + params (call in a worker thread) -----------------------------
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         rc = reasoning_control(req)
-        kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in RESERVED_TEMPLATE_KWARGS}
-        if not isinstance(kwargs.get("enable_thinking", False), bool):
-            raise RequestError("chat_template_kwargs.enable_thinking must be true or false",
-                               "chat_template_kwargs.enable_thinking")
-        kwargs["enable_thinking"] = rc.enable_thinking
+        kwargs = template_kwargs(req, rc)
         tools, messages = _tools(req), _messages(req)
         try:
             ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,

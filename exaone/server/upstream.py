@@ -26,8 +26,8 @@ from typing import AsyncIterator
 import httpx
 
 from ..reasoning import ReasoningParser
-from .backend import RequestError
-from .protocol import (RESERVED_TEMPLATE_KWARGS, ChatCompletionRequest, CompletionRequest, Piece, TokenLogprob,
+from .backend import RequestError, template_kwargs
+from .protocol import (ChatCompletionRequest, CompletionRequest, Piece, TokenLogprob,
                        ToolCallOut, Usage, reasoning_control)
 
 __all__ = ["UpstreamBackend", "UpstreamGeneration", "UpstreamError"]
@@ -199,11 +199,7 @@ class UpstreamBackend:
     # ---- requests -> engine bodies (cheap; the app calls them in a worker thread) --------------
     def prepare_chat(self, req: ChatCompletionRequest) -> UpstreamPrepared:
         rc = reasoning_control(req)
-        kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in RESERVED_TEMPLATE_KWARGS}
-        if not isinstance(kwargs.get("enable_thinking", False), bool):
-            raise RequestError("chat_template_kwargs.enable_thinking must be true or false",
-                               "chat_template_kwargs.enable_thinking")
-        kwargs["enable_thinking"] = rc.enable_thinking
+        kwargs = template_kwargs(req, rc)
         n = _n(req)
         body = req.model_dump(exclude_none=True, exclude=_OURS)
         for m in body["messages"]:
