@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         # User errors (bad paths, bad checkpoints, bad parameters): one clear line, no traceback.
         print(f"exaone {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ConnectionError as e:
+        # A database or service that cannot be reached (e.g. the ledger): one line, exit 1.
+        print(f"exaone {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

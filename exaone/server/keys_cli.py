@@ -7,7 +7,6 @@ secrets or hashes, only the prefix.
 from __future__ import annotations
 
 import argparse
-import sys
 from decimal import Decimal
 
 UNCHANGED = object()  # `keys set`: an option not given leaves that limit as it is
@@ -69,14 +68,9 @@ def _when(t) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exaone.server.ledger import Ledger, LedgerUnavailable
+    from exaone.server.ledger import Ledger
 
-    try:
-        ledger = Ledger(args.db)
-    except LedgerUnavailable as e:
-        print(f"exaone {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    with ledger:
+    with Ledger(args.db) as ledger:  # unreachable database (LedgerUnavailable): exaone.cli prints it, exit 1
         if args.keys_command == "create":
             key, secret = ledger.create_key(args.name, rpm_limit=args.rpm, tpm_limit=args.tpm,
                                             budget_usd=args.budget)

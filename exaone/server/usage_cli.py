@@ -43,14 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exaone.server.ledger import Ledger, LedgerUnavailable
+    from exaone.server.ledger import Ledger
 
-    try:
-        ledger = Ledger(args.db)
-    except LedgerUnavailable as e:
-        print(f"exaone {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    with ledger:
+    with Ledger(args.db) as ledger:  # unreachable database (LedgerUnavailable): exaone.cli prints it, exit 1
         rows = ledger.summary(group_by=args.by, since=args.since, until=args.until)
         where = ledger.display_url
     columns = [c for g in ("key", "model", "day") if g in args.by for c in GROUP_COLUMNS[g]] + list(SUMS)
