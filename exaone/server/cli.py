@@ -6,12 +6,13 @@ unless `--no-auth` says that serving everyone is meant.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default=None, metavar="DIR", help="checkpoint directory (default: the embedded demo model)")
+    from ..commands.generate import add_model_arguments
+
+    add_model_arguments(p)  # --model, --dtype, --device, --quantize, --compile: the same as generate/chat
     p.add_argument("--name", "--model-name", dest="name", default=None,
                    help="model id clients send (default: the checkpoint folder's name, or the upstream's model)")
     p.add_argument("--upstream", action="append", default=None, metavar="URL",
@@ -32,12 +33,6 @@ def add_arguments(p) -> None:
     p.add_argument("--prefix-cache-mb", type=int, default=None, metavar="MB",
                    help="memory for reusing the KV of repeated prompt prefixes (0: off; default: the engine's)")
     p.add_argument("--prices", default=None, metavar="FILE", help="prices per model, .json or .toml (see pricing.py)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (as stored)")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="weight-only quantization at load time (see docs/quantization.md)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the local engine's decode step (default: off; see docs/compiled-decode.md)")
     p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN call the API (repeatable; '*' for any)")
     p.add_argument("--log-level", default="info")
