@@ -5,7 +5,7 @@ decode tokens/s at batch 1 and aggregate at each concurrency, achieved weight-re
 decode row against the machine's measured read bandwidth, peak RSS; ours and transformers with
 the same tensors, measured interleaved in one run (medians), so a busy machine slows both alike.
 Peak memory is measured in one child process per (implementation, dtype), since RSS high-water
-only grows. This module must not change the model: it only times it.
+only grows; each child reads its own (VmHWM, see `peak_rss_bytes`). This module must not change the model: it only times it.
 """
 from __future__ import annotations
 
@@ -254,8 +254,21 @@ def _dtype(name: str):
     return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def peak_rss_bytes() -> int:
+    """This process's own RSS high-water mark, in bytes.
+
+    Linux: VmHWM of /proc/self/status. Not ru_maxrss: exec keeps the forking parent's high-water
+    mark in it (fs/exec.c), so a child of the big bench process read the parent's peak (9.9 GB in
+    every cell). Elsewhere ru_maxrss, the best there is (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def _child(args) -> int:
@@ -271,7 +284,7 @@ def _child(args) -> int:
     runner.prefill(_prompt(1, args.prompt_len, config.vocab_size, 0))
     B = max(int(b) for b in args.batches.split(","))
     runner.decode(_prompt(B, args.context, config.vocab_size, 1), 2)
-    print(json.dumps({"peak_rss": _peak_rss_bytes()}))
+    print(json.dumps({"peak_rss": peak_rss_bytes()}))
     return 0
 
 
