@@ -15,6 +15,20 @@ So the decode latency of running sequences is bounded by one prefill chunk. Each
 a forced-token queue, emitted before it samples again: the thinking budget uses it to close the
 reasoning block (`THINK_END_FORCED`). Forced tokens are fed to the model and counted as output.
 
+Speculative decoding (`draft_model=`): step 3 becomes one draft-propose / target-verify round
+(`speculative.speculate`) when the batch holds exactly ONE running sequence (the on-device batch-1
+case) and that sequence is plain greedy (temperature 0, no penalties, no logprobs: tokens are the
+argmax of the raw logits, so a verify pass decides them). Every other step is the normal batched
+decode. The draft has its own one-row cache, tied to one sequence: when another sequence becomes
+the single one, the draft starts over and catches up on the tokens it has not seen (prompt,
+output, forced tokens), at most one prefill chunk per step while the target decodes normally.
+A round never runs past what the normal path would sample: k is capped so that its k + 1 tokens
+fit in max_tokens, the context and the remaining thinking budget; a step with queued forced
+tokens (or a spent budget) takes the normal path, so forced tokens are fed and counted as there,
+and the draft sees them on its next catch-up. The round's tokens go through the same `_accept`
+one by one (stop ids, stop strings, counts, records), and the rest of a round is dropped once
+the sequence is done. See docs/speculative.md.
+
 Text (stop strings, text deltas, the end-of-thinking ids) needs an optional duck-typed tokenizer
 (`encode(text) -> ids`, `decode(ids) -> str`). This module must not import the server or the
 tokenizer module; it never formats responses.
@@ -32,14 +46,15 @@ from typing import Sequence
 import torch
 
 from .detokenizer import StreamingDetokenizer
-from .engine_types import ContextLengthError, EngineStats, Output, RequestHandle
+from .engine_types import ContextLengthError, EngineStats, Output, RequestHandle, SpecStats
 from .prefix_cache import BLOCK_SIZE, PREFIX_CACHE_BYTES, PrefixCache
 from .reasoning import THINK_CLOSE, THINK_END_FORCED
 from .sampling import Sampler, SamplingParams, StopMatcher, sample_batch
+from .speculative import CacheRow, check_draft, speculate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Output", "RequestHandle", "EngineStats", "ContextLengthError"]
+__all__ = ["Engine", "Output", "RequestHandle", "EngineStats", "SpecStats", "ContextLengthError"]
 
 
 class _Request:
@@ -81,14 +96,18 @@ class Engine:
                  prefill_chunk: int = 512, think_end_ids: Sequence[int] | None = None,
                  think_end_forced_ids: Sequence[int] | None = None,
                  prefix_cache_bytes: int = PREFIX_CACHE_BYTES, prefix_block_size: int = BLOCK_SIZE,
-                 compile: bool = False):
+                 compile: bool = False, draft_model=None, num_speculative_tokens: int = 4):
         """`think_end_ids`: the ids of `</think>` (default: encoded by the tokenizer);
         `think_end_forced_ids`: what a spent thinking budget forces (default: THINK_END_FORCED
         encoded, or `think_end_ids` without a tokenizer); `prefix_cache_bytes`: budget of the
         prefix cache (0 disables it), see prefix_cache.py; `compile`: decode steps through
-        `torch.compile` with fixed shapes (exaone/compiled.py, docs/compiled-decode.md)."""
+        `torch.compile` with fixed shapes (exaone/compiled.py, docs/compiled-decode.md);
+        `draft_model`: a model with the same tokenizer that proposes `num_speculative_tokens`
+        tokens a round for a lone greedy sequence (speculative.py, docs/speculative.md)."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
+        if draft_model is not None:
+            check_draft(model, draft_model, num_speculative_tokens)
         self.model = model
         cfg = model.config
         self.max_len = int(max_len or cfg.max_position_embeddings)
@@ -110,6 +129,13 @@ class Engine:
                              if prefix_cache_bytes > 0 else None)
         self.device = model.device
         self._compiled = None
+        self.draft_model, self.num_speculative_tokens = draft_model, num_speculative_tokens
+        self.spec = SpecStats()
+        self._draft: CacheRow | None = None  # the draft's one-row cache, of `_draft_seq`
+        self._draft_seq: _Seq | None = None
+        if draft_model is not None:
+            self._draft = CacheRow(draft_model, draft_model.make_cache(rows=1, max_len=self.max_len),
+                                   chunk=prefill_chunk)
 
         self.running: list[_Seq] = []       # index = cache row
         self.prefilling: _Request | None = None
@@ -220,6 +246,7 @@ class Engine:
         return EngineStats(running=running, waiting=waiting, prefilling=int(pre is not None),
                            free_slots=self.max_batch - running - reserved, max_batch=self.max_batch,
                            prefix_cache_bytes=self.prefix_cache.nbytes if self.prefix_cache else 0,
+                           speculative=dataclasses.replace(self.spec) if self._draft is not None else None,
                            **self.counters)
 
     # ---- threads ---------------------------------------------------------------------------
@@ -266,7 +293,8 @@ class Engine:
             self._prefill_chunk(req)
             did = True
         if self.running:
-            self._decode_step()
+            if not (self._draft is not None and len(self.running) == 1 and self._spec_step()):
+                self._decode_step()
             did = True
         if did:
             self.counters["steps"] += 1
@@ -344,12 +372,63 @@ class Engine:
             s.n_fed += 1
             if pc is not None and s.n_fed % pc.block_size == 0:  # generated tokens completed a block
                 pc.store(r, s.req.prompt + s.output, s.n_fed - 1, s.n_fed)
+        self._count_decode(B)
+        self._advance(0, logits)
+        self._compact()
+
+    def _count_decode(self, B: int) -> None:
         c = self.counters
         c["decode_steps"] += 1
         c["batch_tokens"] += B
         c["max_batch_seen"] = max(c["max_batch_seen"], B)
-        self._advance(0, logits)
+
+    # ---- speculative decoding (one running sequence) ---------------------------------------
+    def _spec_tokens(self, s: _Seq) -> int:
+        """How many draft tokens a round may propose now (0: take the normal path)."""
+        p = s.params
+        if not s.sampler.fast_greedy or s.forced:
+            return 0
+        room = min(p.max_tokens - len(s.output), self.max_len - len(s.req.prompt) - len(s.output))
+        if s.thinking and p.thinking_budget is not None and not s.close_forced:
+            room = min(room, p.thinking_budget - s.reasoning_tokens)  # every token may be reasoning
+        return max(0, min(self.num_speculative_tokens, room - 1))  # a round emits up to k + 1 tokens
+
+    def _spec_step(self) -> bool:
+        """A speculative round for the lone running sequence in row 0; False: decode normally."""
+        s = self.running[0]
+        k = self._spec_tokens(s)
+        if k < 1:
+            return False
+        draft = self._draft
+        if self._draft_seq is not s:  # the draft's cache holds another sequence: start over
+            self._draft_seq, draft.n = s, 0
+        seq = s.req.prompt + s.output
+        if len(seq) - 1 - draft.n > self.prefill_chunk:  # catch up one chunk a step, decode normally
+            draft.feed(seq[draft.n:draft.n + self.prefill_chunk])
+            self.spec.draft_passes += 1
+            return False
+        target = CacheRow(self.model, self.cache, row=0, n=s.n_fed, chunk=self.prefill_chunk)
+        new = speculate(target, draft, seq, k, self.spec)
+        self._store_generated(s, seq + new, s.n_fed, target.n)
+        s.n_fed = target.n
+        self._count_decode(1)
+        for tok in new:
+            self._accept(s, tok, None, None, forced=False)
+            if s.done:  # a stop or the length: the rest of the round is dropped
+                break
         self._compact()
+        return True
+
+    def _store_generated(self, s: _Seq, tokens: list[int], start: int, end: int) -> None:
+        """Prefix-cache the blocks that a round's positions (start, end] completed in row 0.
+        A block's tail must still be in the ring, which after a round holds [end - W, end)."""
+        pc = self.prefix_cache
+        if pc is None:
+            return
+        if pc.window is not None:
+            start = max(start, end - pc.window + pc.tail - 1)  # the smallest block end kept: that + 1
+        if start < end:
+            pc.store(0, tokens, start, end)
 
     def _compact(self) -> None:
         """Drop finished rows by moving the last live row into each hole; rows stay [0, B)."""

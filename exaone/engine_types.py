@@ -1,7 +1,7 @@
 """The engine's small typed records and the per-request handle that streams them.
 
 `Output` is one record per generated token (plus, for cancellation or errors, one record with no
-token). `RequestHandle` is what `Engine.submit` returns: iterate it in a thread (`for out in h`)
+token); `EngineStats` (with `SpecStats` for speculative decoding) the engine's counts. `RequestHandle` is what `Engine.submit` returns: iterate it in a thread (`for out in h`)
 or in asyncio (`async for out in h`); `cancel()` it. The handle is fed by the engine's thread
 through a lock-protected deque; asyncio consumers are woken with `loop.call_soon_threadsafe`.
 This module must not import torch, the model or the tokenizer.
@@ -49,6 +49,25 @@ class Output:
         return self.finish_reason is not None
 
 
+@dataclass
+class SpecStats:
+    """Counts of speculative rounds (draft proposes, target verifies once): speculative.py."""
+    rounds: int = 0          # target verify passes (one per round; each is one engine decode step)
+    proposed: int = 0        # draft tokens offered to the target
+    accepted: int = 0        # of which the target agreed with
+    tokens: int = 0          # tokens the rounds produced (accepted + the target's own one per round)
+    draft_passes: int = 0    # draft forward passes (proposals; in the engine also catch-up chunks)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens per target verify pass (plain decoding: 1)."""
+        return self.tokens / self.rounds if self.rounds else 0.0
+
+
 @dataclass(frozen=True)
 class EngineStats:
     running: int                # sequences in the decode batch
@@ -67,6 +86,7 @@ class EngineStats:
     requests_cancelled: int
     cached_tokens: int = 0      # prompt tokens served from the prefix cache
     prefix_cache_bytes: int = 0  # bytes the prefix cache holds now
+    speculative: "SpecStats | None" = None  # speculative decoding's counts (an engine with a draft)
 
 
 _END = object()

@@ -1,9 +1,9 @@
 """Speculative decoding, greedy: a small draft model proposes k tokens, the target checks them all
 in one forward pass, and the output is token for token what the target alone would produce.
 
-One round, with `last` the newest token (fed to neither model yet) at position L-1:
+One round (`speculate`), with `last` the newest token (fed to neither model yet) at position L-1:
 
-    draft    feeds its pending tokens, then proposes d1..dk one decode step at a time
+    draft    feeds the tokens it has not seen, then proposes d1..dk one decode step at a time
     target   one forward of [last, d1..dk] at positions L-1..L-1+k -> k+1 logits, g_i = argmax
     accept   the longest prefix with d_i == g_{i-1}; then g_a (the target's own token at the first
              disagreement, or a bonus token when all k agree): a+1 new tokens per target pass
@@ -13,54 +13,41 @@ position-based masks ignore until they are overwritten. A sliding layer's ring i
 write of a rejected position p went to slot p % W, which held position p - W, still inside the
 window. Before each model writes draft positions we save exactly those ring slots (k of them,
 distinct when k < W) and put back the ones of rejected positions afterwards: k slots per sliding
-layer per round, never the whole ring. Greedy only; the engine does not use this path (so the
-thinking budget and the forced-token queue do not apply here). This module must not know about
+layer per round, never the whole ring.
+
+`speculate` is the one implementation of propose / verify / rollback. The engine (engine.py)
+calls it on a row of its batch cache, with the thinking budget, forced tokens, stops and
+max_tokens around it; `speculative_stream` is a minimal single-sequence driver (no requests, no
+tokenizer) for tests and for comparing against the engine. This module must not know about
 requests, sampling parameters or tokenizers.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
+from .cache import KVCache
+from .engine_types import SpecStats
 from .model import Exaone4ForCausalLM
 
 
-@dataclass
-class SpecStats:
-    proposed: int = 0        # draft tokens offered to the target
-    accepted: int = 0        # of which the target agreed with
-    target_passes: int = 0   # target forward passes after the prompt's (one per round)
-    draft_passes: int = 0    # draft forward passes after the prompt
-    tokens: int = 0          # tokens emitted
+class CacheRow:
+    """One model writing one row of a `KVCache`: chunked feeding and ring-slot save/restore."""
 
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
-
-    @property
-    def tokens_per_pass(self) -> float:
-        """Emitted tokens per target forward, the prompt's pass included (plain decoding: 1)."""
-        return self.tokens / (self.target_passes + 1) if self.tokens else 0.0
-
-
-class _Runner:
-    """One model with its one-row cache: chunked feeding and ring-slot save/restore."""
-
-    def __init__(self, model: Exaone4ForCausalLM, max_len: int, chunk: int):
-        self.model, self.chunk = model, chunk
-        self.cache = model.make_cache(rows=1, max_len=max_len)
-        self.n = 0  # positions written and valid: [0, n)
+    def __init__(self, model: Exaone4ForCausalLM, cache: KVCache, row: int = 0, n: int = 0, chunk: int = 512):
+        self.model, self.cache, self.row, self.chunk = model, cache, row, chunk
+        self.n = n  # positions written and valid: [0, n)
 
     def feed(self, tokens: Sequence[int], all_logits: bool = False) -> torch.Tensor:
         """Write tokens at positions n.. ; returns the logits (C, V) of the last chunk (or its last row)."""
         logits = None
+        rows = slice(self.row, self.row + 1)
         for s in range(0, len(tokens), self.chunk):
             part = tokens[s:s + self.chunk]
             ids = torch.tensor([part], device=self.model.device)
             pos = torch.arange(self.n, self.n + len(part), device=self.model.device)[None]
-            logits = self.model(ids, position_ids=pos, cache=self.cache, last_only=not all_logits)[0]
+            logits = self.model(ids, position_ids=pos, cache=self.cache, rows=rows, last_only=not all_logits)[0]
             self.n += len(part)
         return logits
 
@@ -70,7 +57,7 @@ class _Runner:
         if hi <= lo or not any(c.sliding):
             return []
         slots = torch.arange(lo, hi, device=c.device) % c.window
-        return [(i, slots, c.k[i][0][:, slots].clone(), c.v[i][0][:, slots].clone())
+        return [(i, slots, c.k[i][self.row][:, slots].clone(), c.v[i][self.row][:, slots].clone())
                 for i, s in enumerate(c.sliding) if s]
 
     def rollback(self, saved: list, lo: int, valid: int) -> None:
@@ -79,22 +66,50 @@ class _Runner:
         skip = valid - lo
         for i, slots, k, v in saved:
             if skip < len(slots):
-                self.cache.k[i][0][:, slots[skip:]] = k[:, skip:]
-                self.cache.v[i][0][:, slots[skip:]] = v[:, skip:]
+                self.cache.k[i][self.row][:, slots[skip:]] = k[:, skip:]
+                self.cache.v[i][self.row][:, slots[skip:]] = v[:, skip:]
 
 
-def _check(target, draft, k: int, max_tokens: int, prompt_ids) -> None:
-    if not prompt_ids:
-        raise ValueError("prompt is empty")
-    if k < 1 or max_tokens < 0:
-        raise ValueError(f"k must be >= 1 and max_tokens >= 0, got {k}, {max_tokens}")
+def check_draft(target: Exaone4ForCausalLM, draft: Exaone4ForCausalLM, k: int) -> None:
+    """Refuse a draft that cannot speculate for `target` with k tokens a round."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"the number of speculative tokens must be an integer >= 1, got {k!r}")
     if draft.config.vocab_size != target.config.vocab_size:
-        raise ValueError(f"draft vocab {draft.config.vocab_size} != target vocab {target.config.vocab_size}")
+        raise ValueError(f"the draft model's vocab_size {draft.config.vocab_size} != the target's "
+                         f"{target.config.vocab_size}: the draft must share the target's tokenizer")
     for name, m in (("target", target), ("draft", draft)):
         w = m.config.sliding_window
         if w is not None and any(m.config.is_sliding) and k >= w:
-            # k + 1 chunk tokens must fit in the ring, or rollback would need slots the chunk never wrote
-            raise ValueError(f"k must be < the {name}'s sliding window {w}, got {k}")
+            # k + 1 verify tokens must fit in the ring, or rollback would need slots the chunk never wrote
+            raise ValueError(f"the number of speculative tokens must be < the {name}'s sliding window {w}, got {k}")
+
+
+def speculate(target: CacheRow, draft: CacheRow, seq: Sequence[int], k: int, stats: SpecStats) -> list[int]:
+    """One round: `seq` is the whole sequence so far, its last token fed to neither model
+    (target.n == len(seq) - 1, draft.n <= len(seq) - 1). Returns the 1..k+1 new greedy tokens of
+    the target; afterwards target.n == len(seq) + len(new) - 1 and both caches hold only accepted
+    positions. The caller caps k so that every returned token may be emitted (budget, length)."""
+    L = len(seq)
+    if target.n != L - 1 or draft.n > L - 1 or k < 1:
+        raise ValueError(f"speculate: target at {target.n}, draft at {draft.n}, sequence {L}, k {k}")
+    d_logits = draft.feed(seq[draft.n:])  # catch up on the tokens it has not seen, then propose
+    d_saved = draft.save_ring(L, L + k - 1)
+    drafts = [int(d_logits[-1].argmax())]
+    for _ in range(k - 1):
+        drafts.append(int(draft.feed(drafts[-1:])[-1].argmax()))
+    t_saved = target.save_ring(L, L + k)
+    g = target.feed([seq[-1]] + drafts, all_logits=True).argmax(-1).tolist()
+    a = 0
+    while a < k and drafts[a] == g[a]:
+        a += 1
+    target.rollback(t_saved, L, L + a)
+    draft.rollback(d_saved, L, min(L + a, draft.n))
+    stats.rounds += 1
+    stats.draft_passes += k
+    stats.proposed += k
+    stats.accepted += a
+    stats.tokens += a + 1
+    return drafts[:a] + [g[a]]
 
 
 @torch.inference_mode()
@@ -102,46 +117,29 @@ def speculative_stream(target: Exaone4ForCausalLM, draft: Exaone4ForCausalLM, pr
                        max_tokens: int, k: int = 4, stop_ids: Sequence[int] = (), chunk: int = 512,
                        stats: SpecStats | None = None) -> Iterator[int]:
     """Yield the target's greedy tokens (a stop id is yielded, then the stream ends)."""
-    _check(target, draft, k, max_tokens, prompt_ids)
+    if not prompt_ids:
+        raise ValueError("prompt is empty")
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    check_draft(target, draft, k)
     stats = stats if stats is not None else SpecStats()
     stops = frozenset(stop_ids)
     max_len = min(len(prompt_ids) + max_tokens + k + 1, target.config.max_position_embeddings)
     max_tokens = min(max_tokens, max_len - len(prompt_ids))
     if max_tokens <= 0:
         return
-    tgt, drf = _Runner(target, max_len, chunk), _Runner(draft, max_len, chunk)
+    tgt = CacheRow(target, target.make_cache(rows=1, max_len=max_len), chunk=chunk)
+    drf = CacheRow(draft, draft.make_cache(rows=1, max_len=max_len), chunk=chunk)
     seq = list(prompt_ids)
     seq.append(int(tgt.feed(seq)[-1].argmax()))
-    stats.tokens += 1
     yield seq[-1]
     out = 1
     while out < max_tokens and seq[-1] not in stops:
-        L = len(seq)  # seq[-1] at position L-1 is in neither cache; tgt.n == L-1, drf.n <= L-1
         kk = min(k, max_tokens - out - 1)  # a round emits at most kk + 1 tokens
-        drafts: list[int] = []
-        d_saved = []
-        if kk > 0:
-            d_logits = drf.feed(seq[drf.n:])  # catch up on accepted tokens, then propose
-            d_saved = drf.save_ring(L, L + kk - 1)
-            drafts.append(int(d_logits[-1].argmax()))
-            for _ in range(kk - 1):
-                drafts.append(int(drf.feed(drafts[-1:])[-1].argmax()))
-            stats.draft_passes += kk
-        t_saved = tgt.save_ring(L, L + kk)
-        g = tgt.feed([seq[-1]] + drafts, all_logits=True).argmax(-1).tolist()
-        stats.target_passes += 1
-        a = 0
-        while a < kk and drafts[a] == g[a]:
-            a += 1
-        stats.proposed += kk
-        stats.accepted += a
-        tgt.rollback(t_saved, L, L + a)
-        if kk > 0:
-            drf.rollback(d_saved, L, min(L + a, drf.n))
-        for tok in drafts[:a] + [g[a]]:
+        new = speculate(tgt, drf, seq, kk, stats) if kk > 0 else [int(tgt.feed(seq[-1:])[-1].argmax())]
+        for tok in new:
             seq.append(tok)
             out += 1
-            stats.tokens += 1
             yield tok
             if tok in stops:
                 return

@@ -300,3 +300,122 @@ def test_failed_step_ends_requests_with_error(hybrid):
     outs = h.outputs()
     assert [(o.finish_reason, o.error) for o in outs] == [("error", "RuntimeError: boom")]
     assert engine.stats().free_slots == engine.max_batch
+
+
+# ---- speculative decoding: the same records as the normal path ------------------------------
+
+def _record(o):
+    """An Output without its timings."""
+    return dataclasses.replace(o, request_id="", time_to_first_token=None, elapsed=0.0)
+
+
+def _spec_pair(model, draft, params, prompt, **kw):
+    """Records of the plain engine and of the engine with a draft, and the latter's stats."""
+    plain = Engine(model, tokenizer=CharTokenizer(), **kw).submit(prompt, params).outputs()
+    engine = Engine(model, tokenizer=CharTokenizer(), draft_model=draft, num_speculative_tokens=4, **kw)
+    spec = engine.submit(prompt, params).outputs()
+    return [_record(o) for o in plain], [_record(o) for o in spec], engine.stats()
+
+
+@pytest.mark.parametrize("draft_kind", ["same", "other"])
+@pytest.mark.parametrize("case", ["budget", "budget0", "stop_string", "stop_id", "max_tokens", "eos"])
+def test_draft_path_gives_the_same_records(hybrid, draft_kind, case):
+    draft = hybrid if draft_kind == "same" else _model(True, seed=7)
+    prompt = _prompt(19, 3)  # longer than the window (8)
+    ref = generate_reference(hybrid, prompt, 40)
+    k = next(i for i in range(6, 40) if ref[i] not in ref[:i])
+    text = CharTokenizer().decode(ref)
+    params = {"budget": greedy(30, ignore_eos=True, enable_thinking=True, thinking_budget=9),
+              "budget0": greedy(24, ignore_eos=True, enable_thinking=True, thinking_budget=0),
+              "stop_string": greedy(40, ignore_eos=True, stop=(text[k:k + 2],)),
+              "stop_id": greedy(40, ignore_eos=True, stop_token_ids=(ref[k],)),
+              "max_tokens": greedy(k, ignore_eos=True),
+              "eos": greedy(40, stop_token_ids=(ref[k],), ignore_eos=False)}[case]
+    plain, spec, st = _spec_pair(hybrid, draft, params, prompt, prefill_chunk=8)
+    assert spec == plain
+    assert st.speculative.rounds > 0 and st.decode_steps < len(plain) + 1
+    if draft_kind == "same":
+        assert st.speculative.acceptance_rate == 1.0
+    if case == "budget":  # 9 reasoning tokens, then the forced close, then the answer
+        assert [o.forced for o in spec[9:9 + 11]] == [True] * 11 and not any(o.forced for o in spec[:9])
+        assert spec[-1].reasoning_tokens == 9 + len("\n</think>")
+        assert "".join(o.text for o in spec)[9:20] == "\n</think>\n\n"
+
+
+def test_draft_engine_batches_normally_and_speculates_alone(model):
+    draft = _model(model.config.sliding_window is not None, seed=7)
+    prompts, max_tokens = [_prompt(23, 1), _prompt(6, 2)], [30, 5]
+    engine = Engine(model, draft_model=model, num_speculative_tokens=3, prefill_chunk=8)
+    hs = [engine.submit(p, greedy(n, ignore_eos=True)) for p, n in zip(prompts, max_tokens)]
+    _drain(engine)
+    for p, n, h in zip(prompts, max_tokens, hs):
+        assert _tokens(h.outputs()) == generate_reference(model, p, n)
+    st = engine.stats()
+    assert st.max_batch_seen == 2 and st.speculative.rounds > 0  # the long request ran alone once the short ended
+    # a sampled neighbour: no speculation while it runs, the greedy request speculates after
+    engine = Engine(model, draft_model=draft, num_speculative_tokens=3, prefill_chunk=8)
+    g = engine.submit(prompts[0], greedy(30, ignore_eos=True))
+    t = engine.submit(prompts[1], SamplingParams(max_tokens=5, temperature=1.0, seed=3, ignore_eos=True))
+    _drain(engine)
+    assert _tokens(g.outputs()) == generate_reference(model, prompts[0], 30)
+    alone = Engine(model).submit(prompts[1], SamplingParams(max_tokens=5, temperature=1.0, seed=3, ignore_eos=True))
+    assert _tokens(t.outputs()) == _tokens(alone.outputs())
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True),
+                                    greedy(12, ignore_eos=True, logprobs=True, top_logprobs=2),
+                                    greedy(12, ignore_eos=True, presence_penalty=1.5)],
+                         ids=["sampled", "logprobs", "penalty"])
+def test_ineligible_requests_take_the_normal_path(hybrid, params):
+    plain, spec, st = _spec_pair(hybrid, hybrid, params, _prompt(11, 4))
+    assert spec == plain and st.speculative.rounds == 0
+
+
+def test_cancel_on_the_draft_path_frees_the_slot(hybrid):
+    engine = Engine(hybrid, draft_model=_model(True, seed=7), num_speculative_tokens=4, max_batch=2)
+    h = engine.submit(_prompt(15, 5), greedy(60, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert engine.stats().speculative.rounds == 4  # the first step prefilled, then speculated
+    h.cancel()
+    assert engine.stats().free_slots == 2
+    outs = h.outputs()
+    assert outs[-1].finish_reason == "cancelled" and outs[-1].completion_tokens == len(_tokens(outs)) > 4
+    prompt = _prompt(30, 6)  # the next request starts the draft over
+    assert engine.generate(prompt, greedy(20, ignore_eos=True)) == generate_reference(hybrid, prompt, 20)
+    # a consumer cancelling while the worker is inside rounds
+    engine.start()
+    try:
+        h = engine.submit(prompt, greedy(200, ignore_eos=True))
+        seen = []
+        for o in h:
+            seen.append(o)
+            if len(seen) == 3:
+                h.cancel()
+    finally:
+        engine.stop()
+    assert seen[-1].finish_reason == "cancelled" and len(_tokens(seen)) < 200
+    assert _tokens(seen) == generate_reference(hybrid, prompt, len(_tokens(seen)))
+    assert engine.stats().free_slots == 2
+
+
+@pytest.mark.parametrize("block", [4, 8])
+def test_draft_path_stores_only_exact_prefix_blocks(hybrid, block):
+    # Window 8. Blocks of 4: every block a round completes still has its 4-token tail in the ring.
+    # Blocks of 8 (= the window): a block completed before a round's last position lost part of
+    # its tail to the round's writes; it must not be stored (its KV would be wrong on a hit).
+    prompt = _prompt(13, 8)
+    plain = Engine(hybrid, prefix_block_size=block)
+    engine = Engine(hybrid, draft_model=hybrid, num_speculative_tokens=4, prefix_block_size=block)
+    out = engine.generate(prompt, greedy(25, ignore_eos=True))
+    assert plain.generate(prompt, greedy(25, ignore_eos=True)) == out
+    stored, ref = engine.prefix_cache.blocks, plain.prefix_cache.blocks
+    assert stored.keys() <= ref.keys()
+    for key, blk in stored.items():
+        for a, b in zip(blk.k + blk.v, ref[key].k + ref[key].v):
+            torch.testing.assert_close(a, b)
+    assert (len(stored) == len(ref)) == (block == 4)
+    turn2 = prompt + out + _prompt(3, 9)  # a next turn reuses the stored answer
+    last = engine.submit(turn2, greedy(10, ignore_eos=True)).outputs()
+    assert last[-1].cached_tokens > (len(prompt) if block == 4 else 0)
+    assert _tokens(last) == generate_reference(hybrid, turn2, 10)

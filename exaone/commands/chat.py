@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .generate import add_model_arguments, add_sampling_arguments, sampling_params
+from .generate import add_model_arguments, add_sampling_arguments, load_engine, sampling_params
 
 HELP = "/think on|off   /budget N|off   /reset   /exit"
 
@@ -22,14 +22,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    import exaone
-    from exaone.engine import Engine
     from exaone.reasoning import ReasoningParser
 
     console = Console(highlight=False)
-    model = exaone.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-    tok = exaone.load_tokenizer(args.model)
-    engine = Engine(model, tokenizer=tok, max_batch=1, compile=args.compile)
+    model, tok, engine = load_engine(args)
     think, budget = args.think, args.thinking_budget
     history: list[dict] = []
     console.print(f"[bold]exaone chat[/bold] — {getattr(model, 'name_or_path', 'model')}   {HELP}")

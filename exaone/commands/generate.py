@@ -17,6 +17,33 @@ def add_model_arguments(p) -> None:
                    help="weight-only quantization at load time (see docs/quantization.md)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the decode step (default: off; see docs/compiled-decode.md)")
+    p.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="a smaller checkpoint with the same tokenizer that drafts tokens for greedy requests "
+                        "(speculative decoding, exact; see docs/speculative.md)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help="tokens the draft proposes per target pass (default: 4)")
+    p.add_argument("--draft-quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the draft at load time")
+
+
+def draft_kwargs(args) -> dict:
+    """Engine arguments for --draft-model: the draft loaded with the target's --dtype and --device."""
+    if args.draft_model is None:
+        return {}
+    import exaone
+
+    draft = exaone.load(args.draft_model, dtype=args.dtype, device=args.device, quantize=args.draft_quantize)
+    return {"draft_model": draft, "num_speculative_tokens": args.num_speculative_tokens}
+
+
+def load_engine(args):
+    """(model, tokenizer, a batch-1 engine) for the terminal commands, from add_model_arguments' flags."""
+    import exaone
+    from exaone.engine import Engine
+
+    model = exaone.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    tok = exaone.load_tokenizer(args.model)
+    return model, tok, Engine(model, tokenizer=tok, max_batch=1, compile=args.compile, **draft_kwargs(args))
 
 
 def add_sampling_arguments(p) -> None:
@@ -53,15 +80,12 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    import exaone
-    from exaone.engine import Engine
     from exaone.reasoning import ReasoningParser
 
     from .chat import Printer
 
     console = Console(highlight=False)
-    model = exaone.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-    tok = exaone.load_tokenizer(args.model)
+    _, tok, engine = load_engine(args)
     if args.raw:
         ids = tok.encode(args.prompt)
     else:
@@ -69,7 +93,6 @@ def run(args) -> int:
         messages.append({"role": "user", "content": args.prompt})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=args.think)
     params = sampling_params(args, ignore_eos=args.raw)
-    engine = Engine(model, tokenizer=tok, max_batch=1, compile=args.compile)
     parser = ReasoningParser(enable_thinking=args.think and not args.raw)
     show = Printer(console)
     t0, last = time.perf_counter(), None
@@ -82,7 +105,11 @@ def run(args) -> int:
     dt = time.perf_counter() - t0
     console.print()
     if last is not None:
+        st = engine.stats()
+        sp = st.speculative
+        spec = (f", draft acceptance {sp.acceptance_rate:.2f}, {sp.tokens_per_round:.2f} tokens per target pass"
+                if sp is not None and sp.rounds else "")
         Console(stderr=True, highlight=False).print(f"[dim][{len(ids)} prompt tokens, {last.completion_tokens} generated "
-                      f"({last.reasoning_tokens} reasoning), {last.completion_tokens / max(dt, 1e-9):.1f} tokens/s, "
-                      f"finish: {last.finish_reason}][/dim]")
+                      f"({last.reasoning_tokens} reasoning), {last.completion_tokens / max(dt, 1e-9):.1f} tokens/s"
+                      f"{spec}, finish: {last.finish_reason}][/dim]")
     return 0

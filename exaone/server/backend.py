@@ -231,7 +231,10 @@ class LocalBackend:
 
     def __init__(self, model_dir=None, dtype: str = "auto", max_batch: int = 16, device: str | None = None,
                  max_len: int | None = None, prefill_chunk: int = 512, name: str | None = None,
-                 prefix_cache_bytes: int | None = None, quantize: str | None = None):
+                 prefix_cache_bytes: int | None = None, quantize: str | None = None,
+                 draft_model=None, num_speculative_tokens: int = 4, draft_quantize: str | None = None):
+        """`draft_model`: a checkpoint directory with the same tokenizer, loaded with the same dtype
+        and device, that drafts for greedy requests decoded alone (speculative decoding)."""
         import exaone
         from ..engine import Engine
         from ..loader import default_model_path
@@ -240,6 +243,9 @@ class LocalBackend:
         self.model = exaone.load(path, dtype=dtype, device=device, quantize=quantize)
         self.tokenizer = exaone.load_tokenizer(path)
         extra = {} if prefix_cache_bytes is None else {"prefix_cache_bytes": prefix_cache_bytes}
+        if draft_model is not None:
+            extra.update(draft_model=exaone.load(draft_model, dtype=dtype, device=device, quantize=draft_quantize),
+                         num_speculative_tokens=num_speculative_tokens)
         self.engine = Engine(self.model, tokenizer=self.tokenizer, max_batch=max_batch, max_len=max_len,
                              prefill_chunk=prefill_chunk, **extra)
         self.model_name = name or path.resolve().name

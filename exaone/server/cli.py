@@ -12,7 +12,7 @@ import sys
 def add_arguments(p) -> None:
     from ..commands.generate import add_model_arguments
 
-    add_model_arguments(p)  # --model, --dtype, --device, --quantize, --compile: the same as generate/chat
+    add_model_arguments(p)  # --model, --dtype, --device, --quantize, --compile, --draft-model: as generate/chat
     p.add_argument("--name", "--model-name", dest="name", default=None,
                    help="model id clients send (default: the checkpoint folder's name, or the upstream's model)")
     p.add_argument("--upstream", action="append", default=None, metavar="URL",
@@ -38,11 +38,27 @@ def add_arguments(p) -> None:
     p.add_argument("--log-level", default="info")
 
 
+def local_backend(args):
+    """The LocalBackend that the flags describe (not started)."""
+    from .backend import LocalBackend
+
+    backend = LocalBackend(args.model, dtype=args.dtype, quantize=args.quantize, max_batch=args.max_batch, device=args.device,
+                           max_len=args.max_len, name=args.name,
+                           prefix_cache_bytes=None if args.prefix_cache_mb is None else args.prefix_cache_mb * 2**20,
+                           draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
+                           draft_quantize=args.draft_quantize)
+    if getattr(args, "compile", False):
+        backend.engine.enable_compile()
+    return backend
+
+
 def run(args) -> int:
+    if args.upstream and args.draft_model:
+        print("exaone serve: --draft-model drafts for a local model; it cannot be used with --upstream", file=sys.stderr)
+        return 2
     import uvicorn
 
     from .app import create_app
-    from .backend import LocalBackend
     from .ledger import Ledger
     from .limits import Limiter
     from .pricing import Pricing
@@ -65,12 +81,7 @@ def run(args) -> int:
             print(f"exaone serve: {e}", file=sys.stderr)
             return 2
     else:
-        backend = LocalBackend(args.model, dtype=args.dtype, quantize=args.quantize, max_batch=args.max_batch, device=args.device,
-                               max_len=args.max_len, name=args.name,
-                               prefix_cache_bytes=None if args.prefix_cache_mb is None else args.prefix_cache_mb * 2**20)
-        if getattr(args, "compile", False):
-            backend.engine.enable_compile()
-        backend.start()
+        backend = local_backend(args).start()
     app = create_app(backend, ledger=ledger, no_auth=args.no_auth, limiter=Limiter(ledger), cors_origins=args.cors)
     print(f"exaone serve: {backend.model_name} on http://{args.host}:{args.port}  (playground at /, "
           f"ledger {ledger.display_url}{', no auth' if args.no_auth else ''})", file=sys.stderr)
