@@ -78,48 +78,66 @@ class KVCache:
 
     # ---- one forward step ----------------------------------------------------------------
     def begin(self, rows: slice, positions: torch.Tensor) -> None:
-        """Prepare masks for a step over `rows` with query positions (B, C), contiguous per row."""
+        """Prepare masks and write slots for a step over `rows` with query positions (B, C),
+        contiguous per row. Per step, not per layer: a decode step runs 30 layers on one token."""
         B, C = positions.shape
         pos = positions.to(self.device)
         last = int(pos.max()) + 1
         self.ensure_capacity(last)
-        ar = torch.arange(last, device=self.device)
         step = {"rows": rows, "pos": pos, "C": C, "len": last}
+        if C == 1:
+            self._begin_decode(step, B, int(pos.min()))
+            self._step = step
+            return
+        ar = torch.arange(last, device=self.device)
         # Global slots: slot j holds position j; valid for a query at q iff j <= q.
         step["mask_global"] = (ar[None, None, :] <= pos[:, :, None])[:, None]
+        step["slot_global"] = pos
         if self.window is not None and any(self.sliding):
+            # Chunked prefill attends to [ring ; chunk] before writing, so the chunk never
+            # overwrites keys its own earlier queries still need.
             W = self.window
-            if C == 1:
-                # Decode writes first; ring slot j then holds the newest position p = j (mod W),
-                # p in (q-W, q], which exists iff j <= q. No per-slot positions need storing.
-                n = min(W, last)
-                step["mask_sliding"] = (ar[None, None, :n] <= pos[:, :, None])[:, None]
-            else:
-                # Chunked prefill attends to [ring ; chunk] before writing, so the chunk never
-                # overwrites keys its own earlier queries still need.
-                p0 = pos[:, :1]
-                j = torch.arange(W, device=self.device)[None, :]
-                ring_pos = p0 - 1 - torch.remainder(p0 - 1 - j, W)  # (B, W); < 0 means empty
-                key_pos = torch.cat([ring_pos, pos], dim=1)  # (B, W + C)
-                valid = (key_pos >= 0)[:, None, :]
-                q = pos[:, :, None]
-                kp = key_pos[:, None, :]
-                step["mask_sliding"] = (valid & (kp <= q) & (q - kp < W))[:, None]
-                step["slot_sliding"] = torch.remainder(pos, W)
+            p0 = pos[:, :1]
+            j = torch.arange(W, device=self.device)[None, :]
+            ring_pos = p0 - 1 - torch.remainder(p0 - 1 - j, W)  # (B, W); < 0 means empty
+            key_pos = torch.cat([ring_pos, pos], dim=1)  # (B, W + C)
+            valid = (key_pos >= 0)[:, None, :]
+            q = pos[:, :, None]
+            kp = key_pos[:, None, :]
+            step["mask_sliding"] = (valid & (kp <= q) & (q - kp < W))[:, None]
+            step["slot_sliding"] = torch.remainder(pos, W)
         self._step = step
+
+    def _begin_decode(self, step: dict, B: int, first: int) -> None:
+        """One query per row. Decode writes first, then attends to slots [0, n): global slot j
+        holds position j, ring slot j the newest position p = j (mod W), p in (q-W, q], which
+        exists iff j <= q. So a mask is needed only where some row is shorter than n; where all
+        rows sit at one position the write is a slice, not an index_put."""
+        pos, last = step["pos"], step["len"]
+        ar = torch.arange(last, device=self.device)
+        step["mask_global"] = None if first == last - 1 else (ar[None, None, :] <= pos[:, :, None])[:, None]
+        step["slot_global"] = last - 1 if first == last - 1 else pos
+        if self.window is not None and any(self.sliding):
+            n = min(self.window, last)
+            step["mask_sliding"] = None if first >= n - 1 else (ar[None, None, :n] <= pos[:, :, None])[:, None]
+            step["slot_sliding"] = ((last - 1) % self.window if first == last - 1
+                                    else torch.remainder(pos, self.window))
+        if first != last - 1:
+            step["row_index"] = torch.arange(step["rows"].start, step["rows"].start + B, device=self.device)[:, None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, H, C, D), k/v (B, KVH, C, D) for the step's rows -> attention output (B, H, C, D)."""
         st = self._step
-        rows, pos, C, L = st["rows"], st["pos"], st["C"], st["len"]
+        rows, C, L = st["rows"], st["C"], st["len"]
         K, V = self.k[layer], self.v[layer]
-        k, v = k.to(K.dtype), v.to(V.dtype)
+        if k.dtype != K.dtype:
+            k, v = k.to(K.dtype), v.to(V.dtype)
         if not self.sliding[layer]:
-            _write(K, V, rows, pos, k, v)
+            _write(K, V, rows, st["slot_global"], k, v, st.get("row_index"))
             keys, vals, mask = K[rows, :, :L], V[rows, :, :L], st["mask_global"]
         elif C == 1:
-            _write(K, V, rows, torch.remainder(pos, self.window), k, v)
-            n = st["mask_sliding"].shape[-1]
+            _write(K, V, rows, st["slot_sliding"], k, v, st.get("row_index"))
+            n = min(self.window, L)
             keys, vals, mask = K[rows, :, :n], V[rows, :, :n], st["mask_sliding"]
         else:
             keys = torch.cat([K[rows], k], dim=2)
@@ -130,20 +148,27 @@ class KVCache:
         return sdpa(q, keys, vals, mask)
 
 
-def _write(K, V, rows: slice, slots: torch.Tensor, k, v) -> None:
+def _write(K, V, rows: slice, slots, k, v, row_index: torch.Tensor | None = None) -> None:
+    """Store k/v (B, KVH, C, D) at `slots`: an int (one decode slot shared by all rows) or
+    (B, C) tensor; `row_index` (B, 1), the rows as a tensor, when it is a per-row decode slot."""
+    if isinstance(slots, int):
+        K[rows, :, slots:slots + 1] = k
+        V[rows, :, slots:slots + 1] = v
+        return
     B, C = slots.shape
     if C > 1 and B == 1 and bool((slots[0, 1:] - slots[0, :-1] == 1).all()):
         s = int(slots[0, 0])  # a contiguous chunk: plain slice copy
         K[rows, :, s:s + C] = k
         V[rows, :, s:s + C] = v
         return
-    r = torch.arange(rows.start, rows.start + B, device=K.device)[:, None].expand(B, C)
+    r = row_index if row_index is not None else \
+        torch.arange(rows.start, rows.start + B, device=K.device)[:, None].expand(B, C)
     K[r, :, slots] = k.transpose(1, 2)
     V[r, :, slots] = v.transpose(1, 2)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Grouped-query attention with a boolean mask (True = attend).
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention with a boolean mask (True = attend; None = every key).
 
     `enable_gqa` lets the kernel index kv head h // rep instead of materialising repeat_interleave
     copies of k and v for every layer and step; the result is bit-identical."""
