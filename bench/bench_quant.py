@@ -296,6 +296,9 @@ def _speed(args) -> dict:
         for row in rows:
             results.append(_run_child(args, row, tmp))
             print(_row_line(results[-1]), file=sys.stderr, flush=True)
+            if args.json:  # rows so far survive a run that is stopped
+                with open(args.json + ".partial", "w") as f:
+                    json.dump(results, f, indent=2)
     more = bandwidth_gbs()  # again at the end: the best seen is the machine's, not the moment's
     config = _config(args)
     return dict(rows=results, gguf=prep, bandwidth_gbs={k: max(bw[k], more[k]) for k in bw},
@@ -410,6 +413,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
+        if os.path.exists(args.json + ".partial"):
+            os.remove(args.json + ".partial")
     return 0
 
 
