@@ -1,7 +1,8 @@
-"""Speculative decoding speed-up on random-weight models (exaone.speculative).
+"""Speculative decoding speed-up through the engine (`Engine(target, draft_model=draft)`), on
+random-weight models.
 
     python bench/bench_speculative.py [--hidden 768] [--layers 12] [--draft-layers 2] [--tail-scale 0.03]
-        [--drafts trunc,trunc-int4,int4,bf16] [--k 2,4,6] [--tokens 64] [--prompt 128] [--repeats 3] [--threads 1]
+        [--drafts trunc,trunc-int4,int4,bf16] [--k 2,4,6] [--tokens 64] [--prompt 128] [--repeats 3] [--threads 2]
 
 Target: a hybrid (LLLG) random model of the given shape, float32. Random weights give no small
 model that agrees with them, so the target is built to have one: the post-norm weights of its
@@ -9,11 +10,16 @@ layers past `--draft-layers` are scaled by `--tail-scale`, so those layers nudge
 stream instead of rewriting it (a trained model's later layers refine, too; this is a stand-in,
 not a claim about real drafts). Drafts: `trunc` (the target's first `--draft-layers` layers, its
 final norm and lm_head), `trunc-int4` (that, int4), `int4` / `int8` (exaone.quant.quantize_model
-of a bf16 copy of the whole target), `bf16` (a bfloat16 copy). Every run is checked token for
-token against plain cached greedy decoding of the target (`exaone.generate.generate`). Plain
-and speculative runs are interleaved and the median of `--repeats` is printed, since the machine
-may be shared. Printed per draft and k: acceptance rate, tokens per target pass (the prompt's
-included), tokens/s, speed-up, GB/s of weights read (target and draft), peak RSS.
+of a bf16 copy of the whole target), `bf16` (a bfloat16 copy).
+
+Both sides are one greedy request (`ignore_eos`) on a batch-1 engine without prefix cache (a
+repeat must prefill again): `Engine(target)` against `Engine(target, draft_model=draft,
+num_speculative_tokens=k)`; every speculative run is checked token for token against the plain
+engine's. Plain and speculative runs are interleaved and the median of `--repeats` is printed,
+since the machine may be shared. Printed per draft and k: acceptance rate and tokens per target
+verify pass (Engine.stats().speculative), decode tok/s after the first token (both sides; the
+draft's catch-up on the prompt falls in it), whole-request tok/s, the speed-ups, GB/s of weights
+read (target and draft passes, prefill included, over the request's time), peak RSS.
 """
 from __future__ import annotations
 
@@ -26,9 +32,9 @@ import time
 import torch
 
 from exaone.config import Exaone4Config
-from exaone.generate import generate
+from exaone.engine import Engine
 from exaone.model import Exaone4ForCausalLM
-from exaone.speculative import speculative_generate
+from exaone.sampling import SamplingParams
 
 
 def _weight_bytes(model) -> int:
@@ -79,10 +85,20 @@ def _draft(target, kind: str, n_layers: int):
     raise ValueError(f"unknown draft {kind!r}")
 
 
-def _time(fn):
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
+class _Run:
+    """One request on `engine`: tokens, whole and decode-only times, and the passes it made."""
+
+    def __init__(self, engine: Engine, prompt: list[int], tokens: int):
+        before = engine.stats()
+        t = time.perf_counter()
+        outs = engine.submit(prompt, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)).outputs()
+        self.total = time.perf_counter() - t
+        after = engine.stats()
+        self.tokens = [o.token_id for o in outs]
+        self.decode = outs[-1].elapsed - outs[-1].time_to_first_token  # tokens 2.. after the first
+        self.target_passes = (after.decode_steps + after.prefill_chunks) - (before.decode_steps + before.prefill_chunks)
+        sb, sa = before.speculative, after.speculative
+        self.draft_passes = sa.draft_passes - sb.draft_passes if sa else 0
 
 
 def main(argv=None) -> int:
@@ -105,32 +121,40 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     target = _target(args)
     prompt = torch.randint(3, args.vocab, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
-    run_plain = lambda: generate(target, prompt, max_tokens=args.tokens)  # noqa: E731
-    generate(target, prompt, max_tokens=4)  # warm-up
-    ref = run_plain()
+    max_len = args.prompt + args.tokens + 8
+    engine = lambda **kw: Engine(target, max_batch=1, max_len=max_len, prefix_cache_bytes=0, **kw)  # noqa: E731
+    plain_engine = engine()
+    _Run(plain_engine, prompt, 4)  # warm-up
+    ref = _Run(plain_engine, prompt, args.tokens).tokens
     tb = _weight_bytes(target)
     print(f"target: hidden {args.hidden}, {args.layers} layers (LLLG, window {args.window}, layers past "
-          f"{args.draft_layers} post-norms x{args.tail_scale}), vocab {args.vocab}, "
-          f"float32, {tb / 1e6:.0f} MB of weights read per pass; prompt {args.prompt}, {args.tokens} tokens, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print("| draft | draft MB | k | acceptance | tokens/pass | tok/s | plain tok/s | speed-up | GB/s | exact |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"{args.draft_layers} post-norms x{args.tail_scale}), vocab {args.vocab}, float32, {tb / 1e6:.0f} MB of "
+          f"weights read per pass; prompt {args.prompt}, {args.tokens} tokens, {torch.get_num_threads()} threads, "
+          f"batch-1 engine, median of {args.repeats}")
+    print("| draft | draft MB | k | acceptance | tokens/pass | decode tok/s | plain decode tok/s | decode speed-up "
+          "| request speed-up | GB/s | exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in args.drafts.split(","):
         draft = _draft(target, kind, args.draft_layers)
         db = _weight_bytes(draft)
-        speculative_generate(target, draft, prompt, 4, k=2)  # warm-up (kernels, allocator)
+        _Run(engine(draft_model=draft, num_speculative_tokens=2), prompt, 4)  # warm-up (kernels, allocator)
         for k in (int(x) for x in args.k.split(",")):
+            spec_engine = engine(draft_model=draft, num_speculative_tokens=k)
             plain, spec = [], []
             for _ in range(args.repeats):
-                plain.append(_time(run_plain)[0])
-                t, (toks, st) = _time(lambda: speculative_generate(target, draft, prompt, args.tokens, k=k))
-                spec.append(t)
-            tp, ts = statistics.median(plain), statistics.median(spec)
-            n = len(toks)
-            gbs = (tb * (st.target_passes + 1) + db * (st.draft_passes + 1)) / ts / 1e9
-            print(f"| {kind} | {db / 1e6:.0f} | {k} | {st.acceptance_rate:.2f} | {st.tokens_per_pass:.2f} | "
-                  f"{n / ts:.1f} | {len(ref) / tp:.1f} | {tp / ts:.2f}x | {gbs:.1f} | "
-                  f"{'yes' if toks == ref else 'NO'} |", flush=True)
+                plain.append(_Run(plain_engine, prompt, args.tokens))
+                spec.append(_Run(spec_engine, prompt, args.tokens))
+            med = lambda runs, f: statistics.median(f(r) for r in runs)  # noqa: E731
+            n = args.tokens - 1
+            pd, sd = med(plain, lambda r: r.decode), med(spec, lambda r: r.decode)
+            pt, stt = med(plain, lambda r: r.total), med(spec, lambda r: r.total)
+            st = spec_engine.stats().speculative
+            r = spec[-1]
+            gbs = (tb * r.target_passes + db * r.draft_passes) / stt / 1e9
+            exact = all(x.tokens == ref for x in spec + plain)
+            print(f"| {kind} | {db / 1e6:.0f} | {k} | {st.acceptance_rate:.2f} | {st.tokens_per_round:.2f} | "
+                  f"{n / sd:.1f} | {n / pd:.1f} | {pd / sd:.2f}x | {pt / stt:.2f}x | {gbs:.1f} | "
+                  f"{'yes' if exact else 'NO'} |", flush=True)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     return 0
 

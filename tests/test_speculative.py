@@ -209,3 +209,18 @@ def test_cli_chat_and_serve_take_the_draft(checkpoints, capsys, monkeypatch):
     assert backend.engine.stats().speculative.rounds > 0
     assert main(["serve", "--upstream", "http://localhost:1/v1", "--draft-model", str(target), "--no-auth"]) == 2
     assert "cannot be used with --upstream" in capsys.readouterr().err
+
+
+def test_bench_measures_the_engine_path(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "bench_speculative.py"
+    spec = importlib.util.spec_from_file_location("bench_speculative", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--hidden", "128", "--layers", "4", "--vocab", "500", "--window", "16", "--tokens", "12",
+                       "--prompt", "20", "--repeats", "1", "--k", "3", "--drafts", "trunc,bf16"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| trunc", "| bf16"))]
+    assert len(rows) == 2 and all(r.endswith("| yes |") for r in rows)
+    assert rows[1].split("|")[4].strip() == "1.00"  # a bf16 copy agrees on every token here
