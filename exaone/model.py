@@ -4,7 +4,7 @@ Top-down: norm -> RoPE -> attention -> MLP -> block -> model. Module names equal
 checkpoint's tensor names, so loading needs no renaming table. QK-Reorder-Norm: no pre-norm;
 RMSNorm on q and k per head before RoPE; post-attention and post-feedforward norms before each
 residual add. Hybrid models: sliding layers use RoPE and a window, global layers no RoPE.
-This module imports only torch, the config and the cache; no sampling, no I/O.
+This module imports only torch, the config, the cache and the optional kernels; no sampling, no I/O.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .cache import KVCache, sdpa
 from .config import Exaone4Config, llama3_inv_freq
 
@@ -19,16 +20,19 @@ from .config import Exaone4Config, llama3_inv_freq
 # CPUs without bf16 dot-product instructions (no avx512_bf16 / AMX) run oneDNN's bf16 GEMM slowly.
 _SLOW_BF16_GEMM = not (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
                        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+_KERNEL_ROWS = range(2, 128)  # rows sent to exaone.kernels.bf16_linear (docs/kernels.md: measured faster)
 _UPCAST_ROWS = 128          # from this many rows an fp32 GEMM on the upcast weight beats oneDNN's bf16
 _UPCAST_CHUNK = 1 << 24     # weight elements upcast at a time (64 MB of fp32): lm_head goes in slices
 
 
 class Linear(nn.Linear):
-    """nn.Linear with a faster bfloat16 path on CPUs without native bf16 GEMM; otherwise F.linear.
+    """nn.Linear with faster bfloat16 paths on CPUs without native bf16 GEMM; otherwise F.linear.
 
-    One token goes through torch.mv's bf16 GEMV (about twice oneDNN's speed at batch 1), long
-    chunks through an fp32 GEMM on the weight upcast slice by slice. Both accumulate in fp32 and
-    round to bf16 once, as the bf16 GEMM does; only the summation order differs. fp32 is untouched.
+    One token goes through torch.mv's bf16 GEMV (about twice oneDNN's speed at batch 1), a few
+    rows through exaone.kernels' AVX-512 GEMM (bf16 weights widened in registers; when it is
+    built, see docs/kernels.md), long chunks through an fp32 GEMM on the weight upcast slice by
+    slice. All accumulate in fp32 and round to bf16 once, as the bf16 GEMM does; only the
+    summation order differs. fp32 is untouched. Under torch.compile the kernel is not used.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,10 +41,18 @@ class Linear(nn.Linear):
                 and x.device.type == "cpu" and self.bias is None):
             return F.linear(x, w, self.bias)
         rows = x.numel() // x.shape[-1]
+        if (rows in _KERNEL_ROWS and w.is_contiguous() and not torch.compiler.is_compiling()
+                and kernels.available()):
+            return kernels.bf16_linear(x, w)
         if rows == 1:
             return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
         if rows < _UPCAST_ROWS:
             return F.linear(x, w)
+        return self.upcast(x, w)
+
+    @staticmethod
+    def upcast(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x @ w.T as an fp32 GEMM on w upcast `_UPCAST_CHUNK` elements at a time, in x's dtype."""
         xf = x.float()
         step = max(1, _UPCAST_CHUNK // w.shape[1])
         if step >= w.shape[0]:

@@ -1,0 +1,210 @@
+"""exaone.kernels.bf16_linear against fp32 references, its input checks, its fallbacks, and
+model.Linear's routing. The extension is built once per machine (cached on disk), loaded once
+per session."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from exaone import kernels, model
+
+AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+needs_avx512 = pytest.mark.skipif(
+    not AVX512, reason=f"the kernel needs AVX-512; torch reports {torch.backends.cpu.get_cpu_capability()}")
+
+
+@pytest.fixture
+def kern(monkeypatch):
+    """The built kernel module; EXAONE_NO_KERNELS from the environment does not apply here."""
+    monkeypatch.delenv("EXAONE_NO_KERNELS", raising=False)
+    if kernels._tried and kernels._module is None:
+        monkeypatch.setattr(kernels, "_tried", False)
+    assert kernels.available(), kernels.disabled_reason()
+    return kernels
+
+
+def _ordered(t: torch.Tensor) -> torch.Tensor:
+    """bf16 bits as integers in value order (-0 and +0 both 0), so |a - b| counts ulps."""
+    b = t.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    return torch.where(b >= 0x8000, -(b & 0x7FFF), b)
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (_ordered(a) - _ordered(b)).abs()
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.float(), w.float()).bfloat16()
+
+
+def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    # Bound: the kernel and the reference sum the same exact fp32 products of bf16 values in a
+    # different order and round to bf16 once, so an element may only land on the neighbouring
+    # bf16 value when the fp32 sum sits at a rounding boundary: <= 1 ulp, and rarely.
+    ref = _reference(x, w)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    ulps = _ulps(out, ref)
+    assert ulps.max().item() <= 1, f"max {ulps.max().item()} ulps"
+    assert (ulps == 0).float().mean().item() >= 0.99  # truncating instead of rounding would miss ~50%
+
+
+@needs_avx512
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 16, 17, 64, 127])
+@pytest.mark.parametrize("n,k", [(64, 256), (37, 129), (5, 1000), (9, 7), (130, 2048 + 17)])
+def test_matches_fp32_reference(kern, m, n, k):
+    # k not a multiple of 32 exercises the masked tail load; n and m not multiples of the
+    # register block exercise the edge tiles.
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    _check(kern.bf16_linear(x, w), x, w)
+
+
+@needs_avx512
+def test_rounds_to_nearest_even_once(kern):
+    # fp32 sums that fall exactly between two bf16 values, or just off the middle: torch's
+    # .to(bfloat16) (round to nearest, ties to even) decides; truncation or double rounding differs.
+    e = 2.0 ** -8  # half a bf16 ulp at 1.0
+    w = torch.tensor([[1.0, e], [1.0 + 2 * e, e], [1.0, 1.5 * e], [1.0, 0.5 * e], [-1.0, -e], [-(1 + 2 * e), -e]])
+    x = torch.ones(2, 2)
+    out = kern.bf16_linear(x.bfloat16(), w.bfloat16())
+    exact = (x.double() @ w.double().T).float()  # exactly representable in fp32
+    assert torch.equal(out, exact.bfloat16())
+    assert out[0].tolist() == [1.0, 1.0 + 4 * e, 1.0 + 2 * e, 1.0, -1.0, -(1.0 + 4 * e)]
+
+
+@needs_avx512
+def test_leading_dims_and_non_contiguous_input(kern):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(33, 65, generator=gen).bfloat16()
+    x3 = torch.randn(2, 5, 65, generator=gen).bfloat16()
+    out = kern.bf16_linear(x3, w)
+    assert out.shape == (2, 5, 33)
+    assert torch.equal(out, kern.bf16_linear(x3.reshape(10, 65), w).view(2, 5, 33))
+    wide = torch.randn(6, 200, generator=gen).bfloat16()
+    for x in (wide[:, 10:75],               # rows with a stride: read in place
+              wide[:, ::3][:, :65],         # strided columns: copied
+              wide[:, :65].T.contiguous().T):  # column-major
+        assert not x.is_contiguous()
+        _check(kern.bf16_linear(x, w), x, w)
+
+
+@needs_avx512
+def test_empty_shapes(kern):
+    w = torch.randn(4, 8).bfloat16()
+    assert kern.bf16_linear(torch.zeros(0, 8, dtype=torch.bfloat16), w).shape == (0, 4)
+    out = kern.bf16_linear(torch.ones(3, 0, dtype=torch.bfloat16), torch.ones(4, 0, dtype=torch.bfloat16))
+    assert torch.equal(out, torch.zeros(3, 4, dtype=torch.bfloat16))
+
+
+@needs_avx512
+def test_bad_input_is_refused_clearly(kern):
+    x, w = torch.randn(2, 8).bfloat16(), torch.randn(4, 8).bfloat16()
+    with pytest.raises(TypeError, match="bfloat16"):
+        kern.bf16_linear(x.float(), w)
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        kern.bf16_linear(x, torch.randn(4, 9).bfloat16())
+    with pytest.raises(ValueError, match="contiguous weight"):
+        kern.bf16_linear(x, torch.randn(8, 4).bfloat16().T)
+    # The C++ entry point checks too, for callers that skip the Python wrapper.
+    with pytest.raises(RuntimeError, match="must be \\(M, K\\)"):
+        kern._module.bf16_linear(x[None], w)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kern._module.bf16_linear(x, torch.randn(8, 4).bfloat16().T)
+
+
+@needs_avx512
+def test_concurrent_calls_from_threads(kern):
+    # The engine calls the model from its worker thread while others may too.
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(300, 512, generator=gen).bfloat16()
+    xs = [torch.randn(m, 512, generator=gen).bfloat16() for m in (2, 5, 16, 33)]
+    want = [kern.bf16_linear(x, w) for x in xs]
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                got[i] = kern.bf16_linear(xs[i], w)
+                assert torch.equal(got[i], want[i])
+        except AssertionError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == len(xs)
+
+
+@needs_avx512
+@pytest.mark.parametrize("rows", [1, 2, 16, 127, 128, 200])
+def test_linear_routes_bf16_rows(kern, rows):
+    gen = torch.Generator().manual_seed(rows)
+    lin = model.Linear(96, 40, bias=False).to(torch.bfloat16)
+    x = torch.randn(1, rows, 96, generator=gen).bfloat16()
+    with torch.no_grad():
+        out = lin(x)
+        if model._SLOW_BF16_GEMM and rows in model._KERNEL_ROWS:
+            assert torch.equal(out, kern.bf16_linear(x, lin.weight))
+        _check(out.view(rows, 40), x.view(rows, 96), lin.weight)
+        xf = x.float()  # fp32 never takes the kernel
+        assert torch.equal(lin.float()(xf), F.linear(xf, lin.weight))
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("EXAONE_NO_KERNELS", "1")
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_module", kernels._module)
+    assert not kernels.available()
+    assert "EXAONE_NO_KERNELS" in kernels.disabled_reason()
+    lin = model.Linear(16, 8, bias=False).to(torch.bfloat16)
+    x = torch.randn(4, 16).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, lin.weight))  # the torch path
+    with pytest.raises(RuntimeError, match="EXAONE_NO_KERNELS"):
+        kernels.bf16_linear(x, lin.weight)
+
+
+@needs_avx512
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("Error building extension: no compiler here")
+
+    monkeypatch.delenv("EXAONE_NO_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_module", kernels._module)
+    monkeypatch.setattr(kernels, "_build", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not kernels.available() and not kernels.available()
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "no compiler here" in msgs[0] and "EXAONE_NO_KERNELS=1" in msgs[0]
+    assert "no compiler here" in kernels.disabled_reason()
+    lin = model.Linear(16, 8, bias=False).to(torch.bfloat16)
+    x = torch.randn(4, 16).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, lin.weight))  # the torch path
+
+
+def test_import_does_not_build():
+    code = ("import exaone, exaone.model, exaone.engine, exaone.kernels as k; "
+            "assert not k._tried and k._module is None; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_compiled_graph_keeps_the_torch_path():
+    # Dynamo cannot trace into the extension; under torch.compile Linear keeps F.linear / mv.
+    lin = model.Linear(32, 8, bias=False).to(torch.bfloat16)
+    x = torch.randn(4, 32).bfloat16()
+    with torch.no_grad():
+        out = torch.compile(lin, backend="eager", fullgraph=True)(x)
+    assert torch.equal(out, F.linear(x, lin.weight))
