@@ -1,23 +1,26 @@
 """bf16 x @ w.T on the EXAONE-4.0-1.2B shape's matrices: exaone.kernels against torch's paths.
 
-    python bench/bench_kernels.py [--threads 2] [--rows 1,2,4,8,16,32,64,127,128,256]
+    python bench/bench_kernels.py [--threads 2] [--rows 1,2,4,8,16,32,64,127,128,256,512]
         [--mats qo,kv,gate_up,down,lm_head] [--methods ours,linear,mv,upcast,model] [--budget 0.5]
         [--tune 4x4,8x2]
 
 For each weight (N, K) of random bf16 and each number of rows M of x, the median ms per call
 and the GB/s of weight read (N * K * 2 bytes per call) of:
   ours    exaone.kernels.bf16_linear(x, w)      (AVX-512, bf16 widened in registers)
-  linear  F.linear(x, w) in bf16                (oneDNN; slow without avx512_bf16 / AMX)
+  linear  F.linear(x, w) in bf16                (oneDNN; slow without avx512_bf16 / AMX; M < 128
+                                                only: from there Linear upcasts, and it takes seconds)
   mv      torch.mv(w, x[0])                     (M = 1 only)
   upcast  exaone.model.Linear.upcast(x, w)      (fp32 GEMM on the weight upcast slice by slice)
   model   exaone.model.Linear as wired          (the route the model takes for this M)
 Each cell runs one warm-up call, then calls until `--budget` seconds (at least 3) and reports
-the median; `--tune MBxNB,...` adds one `ours` column per register blocking (each built once).
+the median; `--tune MBxNB[pKB],...` adds an `ours` column per register blocking (and weight
+panel size in KiB, p0 = one register block), each built once.
 Run on an otherwise idle machine: the numbers are only comparable within one run.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 
@@ -57,20 +60,23 @@ def _methods(names: list[str], tune: list[str]) -> dict:
             out[name] = None  # a Linear per matrix, built in main
         else:
             raise SystemExit(f"unknown method {name!r}; choose from ours, linear, mv, upcast, model")
-    for blocking in tune:
-        mb, nb = (int(v) for v in blocking.split("x"))
-        mod = kernels._build(f"exaone_bf16_gemm_{mb}x{nb}", (f"EXAONE_MB={mb}", f"EXAONE_NB={nb}"))
-        out[f"ours{blocking}"] = mod.bf16_linear
+    for blocking in tune:  # MBxNB[pKB]: register block, weight panel in KiB
+        found = re.fullmatch(r"(\d+)x(\d+)(?:p(\d+))?", blocking)
+        if not found:
+            raise SystemExit(f"--tune wants MBxNB or MBxNBpKB, got {blocking!r}")
+        mb, nb, kb = found.groups()
+        defines = (f"EXAONE_MB={mb}", f"EXAONE_NB={nb}") + ((f"EXAONE_PANEL_KB={kb}",) if kb else ())
+        out[f"ours{blocking}"] = kernels._build(f"exaone_bf16_gemm_{blocking}", defines).bf16_linear
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", default="1,2,4,8,16,32,64,127,128,256")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64,127,128,256,512")
     ap.add_argument("--mats", default=",".join(MATS))
     ap.add_argument("--methods", default="ours,linear,mv,upcast,model")
-    ap.add_argument("--tune", default="", help="extra register blockings MBxNB to build and time, e.g. 8x2,6x3")
+    ap.add_argument("--tune", default="", help="extra blockings MBxNB[pKB] to build and time, e.g. 8x2,4x4p0")
     ap.add_argument("--budget", type=float, default=0.5, help="seconds of calls per cell (at least 3 calls)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -93,7 +99,7 @@ def main(argv=None) -> int:
                 x = torch.randn(m, k, generator=gen).bfloat16()
                 cells = {}
                 for name, fn in methods.items():
-                    if name == "mv" and m != 1:
+                    if (name == "mv" and m != 1) or (name == "linear" and m >= 128):
                         continue
                     call = (lambda: model(x)) if name == "model" else (lambda fn=fn: fn(x, w))
                     cells[name] = _median_s(call, args.budget)

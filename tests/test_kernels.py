@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 import warnings
 
 import pytest
@@ -208,3 +209,17 @@ def test_compiled_graph_keeps_the_torch_path():
     with torch.no_grad():
         out = torch.compile(lin, backend="eager", fullgraph=True)(x)
     assert torch.equal(out, F.linear(x, lin.weight))
+
+
+def test_stale_build_lock_is_cleared(monkeypatch, tmp_path):
+    # torch waits forever on the lock file of a build that was killed; ours is cleared when old.
+    import os
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    for name, age, kept in (("old", 3600, False), ("fresh", 5, True)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "lock").touch()
+        os.utime(d / "lock", (time.time() - age,) * 2)
+        kernels._clear_stale_lock(name)
+        assert (d / "lock").exists() == kept
+    kernels._clear_stale_lock("never-built")  # no lock: nothing to do

@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,7 @@ __all__ = ["available", "bf16_linear", "disabled_reason"]
 
 _SOURCE = Path(__file__).with_name("bf16_gemm.cpp")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
+_STALE_LOCK_S = 600  # a build takes about a minute; a lock this old belongs to a dead process
 _lock = threading.Lock()
 _module = None
 _reason: str | None = None  # why the kernels are off; None until the first available()
@@ -45,11 +47,23 @@ def _cpu_reason() -> str | None:
     return None
 
 
+def _clear_stale_lock(name: str) -> None:
+    """A build killed midway leaves its lock file, and torch would then wait for it forever."""
+    from torch.utils.cpp_extension import _get_build_directory
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def _build(name: str = "exaone_bf16_gemm", defines: tuple[str, ...] = ()):
     """Compile (or load from the cache) the extension; `defines` (e.g. "EXAONE_MB=8") for tuning."""
     from torch.utils.cpp_extension import load
     # One build directory per torch install: two pythons sharing ~/.cache would rebuild in turn.
     tag = hashlib.sha1(f"{torch.__version__} {Path(torch.__file__).parent}".encode()).hexdigest()[:8]
+    _clear_stale_lock(f"{name}_{tag}")
     return load(name=f"{name}_{tag}", sources=[str(_SOURCE)], extra_cflags=_FLAGS + [f"-D{d}" for d in defines],
                 extra_ldflags=["-fopenmp"], verbose=False)
 

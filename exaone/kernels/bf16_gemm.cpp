@@ -25,6 +25,9 @@ constexpr int64_t kChunk = 32;  // bf16 values per 512-bit load
 #ifndef EXAONE_NB
 #define EXAONE_NB 4
 #endif
+#ifndef EXAONE_PANEL_KB
+#define EXAONE_PANEL_KB 256
+#endif
 constexpr int kMaxMB = EXAONE_MB;  // rows of x per register block
 constexpr int kMaxNB = EXAONE_NB;  // rows of w per register block (MB * NB accumulators + 2 NB weights)
 
@@ -99,20 +102,28 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) {
   if (M == 0 || N == 0) return out;
   if (K == 0) return out.zero_();
   const int64_t Kp = (K + kChunk - 1) / kChunk * kChunk;
-  std::vector<float> xp(M * Kp);
-  pack_x(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.stride(0), M, K, xp.data(), Kp);
+  // Per calling thread and reused: a fresh buffer of a few MB would page-fault on every call.
+  static thread_local std::vector<float> xbuf;
+  if (xbuf.size() < size_t(M * Kp)) xbuf.resize(M * Kp);
+  float* xp = xbuf.data();
+  pack_x(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.stride(0), M, K, xp, Kp);
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   auto* op = out.data_ptr<at::BFloat16>();
   const int64_t blocks = (N + kMaxNB - 1) / kMaxNB;
+  // Weight rows are taken a panel (about L2-sized) at a time; every block of MB rows of x passes
+  // over the panel before the next, so the panel is read from memory once and each block of x stays in L1/L2.
+  const int64_t panel = std::max<int64_t>(1, (int64_t(EXAONE_PANEL_KB) << 10) / (kMaxNB * K * 2));
   // At least ~256K weights per task, so small matrices don't pay a thread fork for nothing.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (kMaxNB * K));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kMaxNB, nb = std::min<int64_t>(kMaxNB, N - n0);
-      // The NB weight rows stay in L1/L2 while every block of MB rows of x passes over them.
+    for (int64_t p0 = b0; p0 < b1; p0 += panel) {
+      const int64_t p1 = std::min(b1, p0 + panel);
       for (int64_t m0 = 0; m0 < M; m0 += kMaxMB) {
         const int64_t mb = std::min<int64_t>(kMaxMB, M - m0);
-        kTiles[mb - 1][nb - 1](wp + n0 * K, K, xp.data() + m0 * Kp, Kp, op + m0 * N + n0, N);
+        for (int64_t b = p0; b < p1; ++b) {
+          const int64_t n0 = b * kMaxNB, nb = std::min<int64_t>(kMaxNB, N - n0);
+          kTiles[mb - 1][nb - 1](wp + n0 * K, K, xp + m0 * Kp, Kp, op + m0 * N + n0, N);
+        }
       }
     }
   });
