@@ -20,18 +20,23 @@ from .config import Exaone4Config, llama3_inv_freq
 # CPUs without bf16 dot-product instructions (no avx512_bf16 / AMX) run oneDNN's bf16 GEMM slowly.
 _SLOW_BF16_GEMM = not (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
                        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-_KERNEL_ROWS = range(2, 128)  # rows sent to exaone.kernels.bf16_linear (docs/kernels.md: measured faster)
 _UPCAST_ROWS = 128          # from this many rows an fp32 GEMM on the upcast weight beats oneDNN's bf16
 _UPCAST_CHUNK = 1 << 24     # weight elements upcast at a time (64 MB of fp32): lm_head goes in slices
+# 2.._UPCAST_ROWS-1 rows go to exaone.kernels.bf16_linear when it is built, except that from
+# _KERNEL_UPCAST_ROWS rows a weight under _KERNEL_MIN_WEIGHTS elements (k/v) is upcast instead:
+# both measured faster (bench/bench_kernels.py, docs/kernels.md). One row stays on torch.mv,
+# which streams from memory faster than the kernel (lm_head: 22.8 vs 19.5 GB/s).
+_KERNEL_UPCAST_ROWS = 64
+_KERNEL_MIN_WEIGHTS = 1 << 22
 
 
 class Linear(nn.Linear):
     """nn.Linear with faster bfloat16 paths on CPUs without native bf16 GEMM; otherwise F.linear.
 
-    One token goes through torch.mv's bf16 GEMV (about twice oneDNN's speed at batch 1), a few
-    rows through exaone.kernels' AVX-512 GEMM (bf16 weights widened in registers; when it is
-    built, see docs/kernels.md), long chunks through an fp32 GEMM on the weight upcast slice by
-    slice. All accumulate in fp32 and round to bf16 once, as the bf16 GEMM does; only the
+    One token goes through torch.mv's bf16 GEMV (about twice oneDNN's speed at batch 1), up to
+    127 rows through exaone.kernels' AVX-512 GEMM (bf16 weights widened in registers; when it is
+    built, else oneDNN; see docs/kernels.md), long chunks through an fp32 GEMM on the weight
+    upcast slice by slice. All accumulate in fp32 and round to bf16 once, as the bf16 GEMM does; only the
     summation order differs. fp32 is untouched. Under torch.compile the kernel is not used.
     """
 
@@ -41,13 +46,13 @@ class Linear(nn.Linear):
                 and x.device.type == "cpu" and self.bias is None):
             return F.linear(x, w, self.bias)
         rows = x.numel() // x.shape[-1]
-        if (rows in _KERNEL_ROWS and w.is_contiguous() and not torch.compiler.is_compiling()
-                and kernels.available()):
-            return kernels.bf16_linear(x, w)
         if rows == 1:
             return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
         if rows < _UPCAST_ROWS:
-            return F.linear(x, w)
+            if torch.compiler.is_compiling() or not (w.is_contiguous() and kernels.available()):
+                return F.linear(x, w)
+            if rows < _KERNEL_UPCAST_ROWS or w.numel() >= _KERNEL_MIN_WEIGHTS:
+                return kernels.bf16_linear(x, w)
         return self.upcast(x, w)
 
     @staticmethod
