@@ -6,7 +6,6 @@ low because the model is weak: see the table in docs/demo-model.md.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,8 @@ from exaone.train import data
 
 NANO = Path(exaone.__file__).parent / "assets" / "exaone-4.0-nano"
 # task -> (problems, minimum reasoning-mode accuracy). Measured on these exact problems (greedy, one
-# thread): mul 2/10, count 6/10; on 50 problems mul 8% and count 34% (docs/demo-model.md).
-SAMPLE = {"mul": (10, 0.1), "count": (10, 0.4)}
+# thread): mul 23/50 (46%), count 6/10; add 11/50 (22%) (docs/demo-model.md).
+SAMPLE = {"mul": (50, 0.36), "count": (10, 0.4)}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,17 @@ def test_shipped_files_and_shape():
     assert cfg.use_rope == [t == "sliding_attention" for t in cfg.layer_types]  # NoPE on global layers
 
 
+_RUNS: dict = {}
+
+
 def _run(nano, task, n, thinking):
+    """(accuracy, mean generated tokens) on the first n held-out problems; each computed once per session."""
+    if (task, n, thinking) not in _RUNS:
+        _RUNS[task, n, thinking] = _generate_and_score(nano, task, n, thinking)
+    return _RUNS[task, n, thinking]
+
+
+def _generate_and_score(nano, task, n, thinking):
     model, tok = nano
     stop = [tok.convert_tokens_to_ids("[|endofturn|]")]
     correct, tokens = 0, 0
@@ -54,18 +63,17 @@ def _run(nano, task, n, thinking):
 @pytest.mark.parametrize("task", sorted(SAMPLE))
 def test_reasoning_mode_solves_held_out_problems(nano, task):
     n, minimum = SAMPLE[task]
-    t0 = time.time()
     acc, tokens = _run(nano, task, n, thinking=True)
     assert acc >= minimum, f"{task}: reasoning accuracy {acc:.0%} < {minimum:.0%}"
-    assert time.time() - t0 < 60
 
 
 def test_non_reasoning_mode_answers_in_a_fraction_of_the_tokens(nano):
-    think_acc, think_tokens = _run(nano, "mul", 10, thinking=True)
-    direct_acc, direct_tokens = _run(nano, "mul", 10, thinking=False)
-    assert direct_tokens * 4 < think_tokens
-    # The hybrid claim in miniature, as far as this model makes it: measured 2/10 vs 0/10 here.
-    assert think_acc > direct_acc
+    think_acc, think_tokens = _run(nano, "mul", 50, thinking=True)
+    direct_acc, direct_tokens = _run(nano, "mul", 50, thinking=False)
+    assert direct_tokens * 4 < think_tokens  # measured 4.8 vs 72.7 tokens
+    # The hybrid claim in miniature on 3-digit x 1-digit multiplication: measured 46% vs 12% on
+    # these 50 problems (10 problems are too few: the first 10 give 3 vs 3).
+    assert think_acc >= direct_acc + 0.2, (think_acc, direct_acc)
 
 
 def test_identity(nano):

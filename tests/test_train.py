@@ -52,7 +52,8 @@ def test_answers_are_right_and_traces_end_at_them():
         assert int(ex.expected) == w.count(c) and ex.trace.splitlines()[-1] == f"{w[-1]} {w.count(c)}"
         ex = data.gen_cmp(rng, "en")
         assert float(ex.expected) == max(float(x) for x in ex.key.split(":")[1:])
-    assert data.mul_trace(347, 6).splitlines()[-1] == "carry 2 → 2082"
+    assert data.mul_trace(347, 6).splitlines()[::4] == ["347 × 6", "carry 2 → 2082"]  # restated, then solved
+    assert data.count_trace("strawberry", "r").splitlines()[:3] == ["'r' in 'strawberry'", "s 0", "t 0"]
     assert data.count_trace("strawberry", "r").splitlines()[-1] == "y 3"
 
 
@@ -80,7 +81,7 @@ def test_render_masks_everything_but_the_assistant_tokens(tokenizer):
         prompt_text = tokenizer.decode(prompt)
         if thinking:
             assert prompt_text.endswith("[|assistant|]\n<think>\n")
-            assert text.startswith("7×6=42") and "\n</think>\n\n2082[|endofturn|]" in text
+            assert text.startswith("347 × 6\n7×6=42") and "\n</think>\n\n2082[|endofturn|]" in text
         else:
             assert prompt_text.endswith("<think>\n\n</think>\n\n")
             assert text == "2082[|endofturn|]"

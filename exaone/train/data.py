@@ -91,8 +91,9 @@ def sub_trace(a: int, b: int) -> str:
 
 
 def mul_trace(a: int, b: int) -> str:
-    """Multi-digit times one digit, digit by digit from the right, with carries."""
-    carry, written, lines = 0, "", []
+    """Multi-digit times one digit: the factors restated (long one first, whatever the question's
+    order), then digit by digit from the right, with carries."""
+    carry, written, lines = 0, "", [f"{a} × {b}"]
     for x in _digits(a)[::-1]:
         p = x * b
         s = p + carry
@@ -201,7 +202,8 @@ _ASK_COUNT = {"en": ["How many times does the letter '{c}' appear in '{w}'?", "H
 
 
 def count_trace(word: str, c: str) -> str:
-    n, lines = 0, []
+    """The letter and word restated, then the word spelled one letter per line with a running count."""
+    n, lines = 0, [f"'{c}' in '{word}'"]
     for ch in word:
         n += ch == c
         lines.append(f"{ch} {n}")
@@ -335,7 +337,7 @@ GENERATORS: dict[str, Callable[[random.Random, str], Example]] = {
     "sort": gen_sort, "word": gen_word, "chat": gen_chat,
 }
 # Sampling weights: the multi-step tasks the report measures get more of the budget.
-MIX = {"add": 2, "sub": 1.5, "mul": 3, "cmp": 1, "count": 3, "sort": 0.7, "word": 1, "chat": 0.7}
+MIX = {"add": 2, "sub": 1.5, "mul": 4, "cmp": 1, "count": 4, "sort": 0.5, "word": 1, "chat": 0.7}
 EVAL_TASKS = ("add", "sub", "mul", "cmp", "count", "sort", "word")
 LANG_WEIGHTS = {"en": 0.5, "ko": 0.3, "es": 0.2}
 
