@@ -48,6 +48,7 @@ import torch
 from .detokenizer import StreamingDetokenizer
 from .engine_types import ContextLengthError, EngineStats, Output, RequestHandle, SpecStats
 from .prefix_cache import BLOCK_SIZE, PREFIX_CACHE_BYTES, PrefixCache
+from .model import warm_kernels
 from .reasoning import THINK_CLOSE, THINK_END_FORCED
 from .sampling import Sampler, SamplingParams, StopMatcher, sample_batch
 from .speculative import CacheRow, check_draft, speculate
@@ -125,6 +126,8 @@ class Engine:
         if bad:
             raise ValueError(f"end-of-thinking ids must be in [0, {cfg.vocab_size}), got {bad}")
         self.cache = model.make_cache(rows=max_batch, max_len=self.max_len)
+        if max_batch > 1:  # batched bf16 decode uses exaone.kernels: build it now, not mid-request
+            warm_kernels(model)
         self.prefix_cache = (PrefixCache(self.cache, prefix_cache_bytes, prefix_block_size)
                              if prefix_cache_bytes > 0 else None)
         self.device = model.device

@@ -68,6 +68,16 @@ class Linear(nn.Linear):
         return out
 
 
+def warm_kernels(model: nn.Module) -> bool:
+    """Build exaone.kernels now if the model's Linear layers would use it (bfloat16 weights on a CPU
+    without native bf16), so that the one-time compile (about a minute) happens at load and not in
+    the first batched decode step. True when the kernel is ready."""
+    p = next(model.parameters(), None)
+    if not (_SLOW_BF16_GEMM and p is not None and p.dtype is torch.bfloat16 and p.device.type == "cpu"):
+        return False
+    return kernels.available()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

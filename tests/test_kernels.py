@@ -232,3 +232,22 @@ def test_stale_build_lock_is_cleared(monkeypatch, tmp_path):
         kernels._clear_stale_lock(name)
         assert (d / "lock").exists() == kept
     kernels._clear_stale_lock("never-built")  # no lock: nothing to do
+
+
+def test_engine_builds_the_kernel_at_construction_for_batched_bf16(monkeypatch):
+    """A bf16 engine that can batch asks for the kernel when it is built, not in its first step."""
+    from exaone.engine import Engine
+    from exaone.testing import init_random_, tiny_config
+
+    calls = []
+    monkeypatch.setattr(model, "_SLOW_BF16_GEMM", True)
+    monkeypatch.setattr(model.kernels, "available", lambda: calls.append(1) or True)
+    fp32 = model.Exaone4ForCausalLM(tiny_config())
+    init_random_(fp32)
+    Engine(fp32, max_batch=4)  # float32: nothing to build
+    assert calls == []
+    bf16 = fp32.to(torch.bfloat16)
+    Engine(bf16, max_batch=1)  # batch 1 decodes through torch.mv
+    assert calls == []
+    Engine(bf16, max_batch=4)
+    assert calls == [1]
