@@ -55,6 +55,18 @@ class LiveServer:
         self.close()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Several engines share 2 busy cores: one intra-op thread each, or they thrash. Autouse in
+    every test module that imports it (pytest finds fixtures among a module's names)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def chat_checkpoint(tmp_path_factory):
     """A tiny random hybrid model with our test tokenizer and the EXAONE 4.0 chat template."""

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from server_util import MODEL_NAME, LiveServer, chat_checkpoint, wait_for  # noqa: E402,F401
+from server_util import MODEL_NAME, LiveServer, chat_checkpoint, one_torch_thread, wait_for  # noqa: E402,F401
 
 N_REQUESTS = 54
 MAX_BATCH = 8
@@ -25,17 +25,6 @@ FINISH_TOKENS = 16        # requests that run to the end
 DROP_TOKENS = 256         # requests dropped after a few chunks: long enough to be cut for sure
 BUDGET = 3                # thinking budget of the requests with thinking on
 WALL_S = 60
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Several engines share 2 busy cores: one intra-op thread each, or they thrash."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,9 @@ openai = pytest.importorskip("openai")
 
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import StreamingResponse  # noqa: E402
-from server_util import MODEL_NAME, LiveServer, chat_checkpoint, wait_for  # noqa: E402,F401
+from server_util import MODEL_NAME, LiveServer, chat_checkpoint, one_torch_thread, wait_for  # noqa: E402,F401
 
 USER = [{"role": "user", "content": "Which is bigger, 9.11 or 9.9?"}]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Several engines share 2 busy cores: one intra-op thread each, or they thrash."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class _SlowGen:
