@@ -309,11 +309,12 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
 
     Reads tokenizer.json, the special tokens and chat template from tokenizer_config.json; the template
     falls back to chat_template.jinja in the folder, then to the package's own template.
-    path=None builds the small built-in test tokenizer (see tokenizer_build.py).
+    path=None: the default model's tokenizer (`loader.default_model_path()`: the embedded demo model
+    or $EXAONE_MODEL), the same checkpoint `exaone.load(None)` reads, so the two always match.
     """
     if path is None:
-        from .tokenizer_build import build_tokenizer
-        return build_tokenizer()
+        from .loader import default_model_path
+        path = default_model_path()
     path = Path(path)
     folder = path.parent if path.suffix == ".json" and not path.is_dir() else path
     tok_file = path if folder is not path else folder / "tokenizer.json"

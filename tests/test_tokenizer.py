@@ -187,5 +187,24 @@ def test_chat_template_fallbacks(tmp_path, ckpt):
 
 
 def test_default_build_without_path():
-    tok = load_tokenizer(None)
+    from exaone.tokenizer_build import build_tokenizer
+
+    tok = build_tokenizer()
     assert tok.eos_token_id == 8 and tok.decode(tok.encode("안녕 hola")) == "안녕 hola"
+
+
+def test_no_path_is_the_default_models_tokenizer(monkeypatch, tmp_path):
+    """load_tokenizer(None) and exaone.load(None) read the same checkpoint (it was the built-in test
+    tokenizer once, so `exaone generate` without --model fed the demo model foreign token ids)."""
+    from exaone.loader import default_model_path
+
+    monkeypatch.delenv("EXAONE_MODEL", raising=False)
+    q = [{"role": "user", "content": "Who are you?"}]
+    demo = load_tokenizer(default_model_path())
+    assert load_tokenizer(None).apply_chat_template(q, add_generation_prompt=True) == \
+        demo.apply_chat_template(q, add_generation_prompt=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(default_model_path() / "tokenizer.json", other / "tokenizer.json")
+    monkeypatch.setenv("EXAONE_MODEL", str(other))
+    assert load_tokenizer(None).eos_token is None  # $EXAONE_MODEL's folder, which has no config
