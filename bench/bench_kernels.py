@@ -66,7 +66,7 @@ def _methods(names: list[str], tune: list[str]) -> dict:
             raise SystemExit(f"--tune wants MBxNB or MBxNBpKB, got {blocking!r}")
         mb, nb, kb = found.groups()
         defines = (f"EXAONE_MB={mb}", f"EXAONE_NB={nb}") + ((f"EXAONE_PANEL_KB={kb}",) if kb else ())
-        out[f"ours{blocking}"] = kernels._build(f"exaone_bf16_gemm_{blocking}", defines).bf16_linear
+        out[f"ours{blocking}"] = kernels.BF16.build(f"exaone_bf16_gemm_{blocking}", defines).bf16_linear
     return out
 
 

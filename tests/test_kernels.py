@@ -24,8 +24,8 @@ needs_avx512 = pytest.mark.skipif(
 def kern(monkeypatch):
     """The built kernel module; EXAONE_NO_KERNELS from the environment does not apply here."""
     monkeypatch.delenv("EXAONE_NO_KERNELS", raising=False)
-    if kernels._tried and kernels._module is None:
-        monkeypatch.setattr(kernels, "_tried", False)
+    if kernels.BF16.tried and kernels.BF16.module is None:
+        monkeypatch.setattr(kernels.BF16, "tried", False)
     assert kernels.available(), kernels.disabled_reason()
     return kernels
 
@@ -118,9 +118,9 @@ def test_bad_input_is_refused_clearly(kern):
         kern.bf16_linear(x, torch.randn(8, 4).bfloat16().T)
     # The C++ entry point checks too, for callers that skip the Python wrapper.
     with pytest.raises(RuntimeError, match="must be \\(M, K\\)"):
-        kern._module.bf16_linear(x[None], w)
+        kern.BF16.module.bf16_linear(x[None], w)
     with pytest.raises(RuntimeError, match="contiguous"):
-        kern._module.bf16_linear(x, torch.randn(8, 4).bfloat16().T)
+        kern.BF16.module.bf16_linear(x, torch.randn(8, 4).bfloat16().T)
 
 
 @needs_avx512
@@ -171,8 +171,9 @@ def test_linear_routes_bf16_rows(kern, rows, n, k):
 
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("EXAONE_NO_KERNELS", "1")
-    monkeypatch.setattr(kernels, "_tried", False)
-    monkeypatch.setattr(kernels, "_module", kernels._module)
+    monkeypatch.setattr(kernels.BF16, "tried", False)
+    monkeypatch.setattr(kernels.BF16, "module", kernels.BF16.module)
+    monkeypatch.setattr(kernels.BF16, "reason", kernels.BF16.reason)
     assert not kernels.available()
     assert "EXAONE_NO_KERNELS" in kernels.disabled_reason()
     lin = model.Linear(16, 8, bias=False).to(torch.bfloat16)
@@ -189,9 +190,10 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         raise RuntimeError("Error building extension: no compiler here")
 
     monkeypatch.delenv("EXAONE_NO_KERNELS", raising=False)
-    monkeypatch.setattr(kernels, "_tried", False)
-    monkeypatch.setattr(kernels, "_module", kernels._module)
-    monkeypatch.setattr(kernels, "_build", broken)
+    monkeypatch.setattr(kernels.BF16, "tried", False)
+    monkeypatch.setattr(kernels.BF16, "module", kernels.BF16.module)
+    monkeypatch.setattr(kernels.BF16, "reason", kernels.BF16.reason)
+    monkeypatch.setattr(kernels.BF16, "build", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert not kernels.available() and not kernels.available()
@@ -206,7 +208,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
 
 def test_import_does_not_build():
     code = ("import exaone, exaone.model, exaone.engine, exaone.kernels as k; "
-            "assert not k._tried and k._module is None; print('ok')")
+            "assert not k.BF16.tried and k.BF16.module is None; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
@@ -229,9 +231,9 @@ def test_stale_build_lock_is_cleared(monkeypatch, tmp_path):
         d.mkdir()
         (d / "lock").touch()
         os.utime(d / "lock", (time.time() - age,) * 2)
-        kernels._clear_stale_lock(name)
+        kernels.clear_stale_lock(name)
         assert (d / "lock").exists() == kept
-    kernels._clear_stale_lock("never-built")  # no lock: nothing to do
+    kernels.clear_stale_lock("never-built")  # no lock: nothing to do
 
 
 def test_engine_builds_the_kernel_at_construction_for_batched_bf16(monkeypatch):
