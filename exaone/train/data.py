@@ -202,11 +202,14 @@ _ASK_COUNT = {"en": ["How many times does the letter '{c}' appear in '{w}'?", "H
 
 
 def count_trace(word: str, c: str) -> str:
-    """The letter and word restated, then the word spelled one letter per line with a running count."""
-    n, lines = 0, [f"'{c}' in '{word}'"]
+    """The letter and word restated (in double quotes, which the tokenizer never merges into the
+    word), then the word spelled one letter per line, each compared with the letter, with a running
+    count: `s≠r 0`, `r=r 1`. The comparison sits next to the letter it compares, so the model
+    checks two neighbours instead of looking back to the question for every letter."""
+    n, lines = 0, [f'"{c}" in "{word}"']
     for ch in word:
         n += ch == c
-        lines.append(f"{ch} {n}")
+        lines.append(f"{ch}{'=' if ch == c else '≠'}{c} {n}")
     return "\n".join(lines)
 
 
@@ -214,6 +217,8 @@ def gen_count(rng: random.Random, lang: str) -> Example:
     w = rng.choice(WORDS)
     c = rng.choice(w) if rng.random() < 0.85 else rng.choice("abcdefghijklmnopqrstuvwxyz")
     q = rng.choice(_ASK_COUNT[lang]).format(c=c, w=w)
+    if rng.random() < 0.5:  # users quote either way
+        q = q.replace("'", '"')
     n = str(w.count(c))
     return Example("count", lang, f"count:{w}:{c}", q, count_trace(w, c), n, n)
 
