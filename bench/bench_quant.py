@@ -12,7 +12,9 @@ checkpoint (e.g. the trained demo model); --text FILE measures on that text inst
 Speed: one table over the EXAONE-4.0-1.2B shape with random weights, built by
 exaone.commands.bench (same seed for every row, so all rows hold the same weights up to their own
 rounding); --layers shortens it, --tiny swaps in a small shape for tests. Rows: ours float32 /
-bfloat16 / int8 / int4 (group 128, bfloat16 activations; lm_head stays bfloat16), transformers
+bfloat16 / int8 / int4 (group 128; the VNNI kernel with int8 activations; lm_head int8, as
+quantize_model's default; variants: +int4_head, +bf16_head, and -torch = torch's weight-only
+kernels with bfloat16 activations and a bfloat16 lm_head, what the int rows were before), transformers
 float32 / bfloat16 (the very same tensors), llama.cpp F16 / Q8_0 / Q4_K_M through
 llama-cpp-python: F16 is `exaone export --format gguf` of the bfloat16 weights, Q8_0 and Q4_K_M
 are llama.cpp's own quantizer (`llama_model_quantize`) run on that file. Columns: weight bytes
@@ -45,18 +47,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-OURS = {  # row -> (base dtype, quantize method, quantize lm_head)
-    "float32": (torch.float32, None, False), "bfloat16": (torch.bfloat16, None, False),
-    "int8": (torch.bfloat16, "int8", False), "int4": (torch.bfloat16, "int4", False),
-    "int8+lm_head": (torch.bfloat16, "int8", True), "int4+lm_head": (torch.bfloat16, "int4", True),
+OURS = {  # row -> (base dtype, quantize method, lm_head, backend); None backend: the default (VNNI)
+    "float32": (torch.float32, None, False, None), "bfloat16": (torch.bfloat16, None, False, None),
+    "int8": (torch.bfloat16, "int8", "int8", None), "int4": (torch.bfloat16, "int4", "int8", None),
+    "int4+int4_head": (torch.bfloat16, "int4", "int4", None),
+    "int8+bf16_head": (torch.bfloat16, "int8", False, None), "int4+bf16_head": (torch.bfloat16, "int4", False, None),
+    # before the VNNI kernel: torch's weight-only kernels, bfloat16 lm_head
+    "int8-torch": (torch.bfloat16, "int8", False, "torch"), "int4-torch": (torch.bfloat16, "int4", False, "torch"),
 }
 HF = {"hf-float32": torch.float32, "hf-bfloat16": torch.bfloat16}
 LLAMA = {"llama-F16": None, "llama-Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "llama-Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 ROWS = [*OURS, *HF, *LLAMA]
 DEFAULT_ROWS = "float32,bfloat16,int8,int4,hf-float32,hf-bfloat16,llama-F16,llama-Q8_0,llama-Q4_K_M"
 MATCH = {"float32": ("llama-F16", "hf-float32"), "bfloat16": ("llama-F16", "hf-bfloat16"),
-         "int8": ("llama-Q8_0", "hf-bfloat16"), "int4": ("llama-Q4_K_M", "hf-bfloat16"),
-         "int8+lm_head": ("llama-Q8_0", "hf-bfloat16"), "int4+lm_head": ("llama-Q4_K_M", "hf-bfloat16")}
+         **{r: ("llama-Q8_0" if r.startswith("int8") else "llama-Q4_K_M", "hf-bfloat16") for r in OURS if r.startswith("int")}}
 # --tiny: small enough for a test, rows a multiple of 256 so that llama.cpp's k-quants apply
 TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
             vocab_size=4096)
@@ -105,9 +109,13 @@ def _quality(args) -> list[dict]:
     with torch.no_grad():
         row("bfloat16 (weights and activations)", fresh()[0].to(torch.bfloat16)(ids).float())
         for method, group in (("int8", 128), ("int4", 32), ("int4", 128)):
-            for lm in (False, True):
-                q = quantize_model(fresh()[0], method, group_size=group, lm_head=lm)
-                row(f"{method}{' g' + str(group) if method == 'int4' else ''}{' +lm_head' if lm else ''}", q(ids))
+            for lm in (False, "int8", "int4"):
+                for backend in ("torch", None):
+                    if backend == "torch" and lm:
+                        continue
+                    q = quantize_model(fresh()[0], method, group_size=group, lm_head=lm, backend=backend)
+                    row(f"{method}{' g' + str(group) if method == 'int4' else ''} {lm or 'float'} lm_head"
+                        f"{' (torch kernels)' if backend else ''}", q(ids))
     return rows
 
 
@@ -233,10 +241,10 @@ def _speed_child(args) -> dict:
         info = gguf_summary(path)
         runner = LlamaCpp(path, args.threads, n_ctx=max(args.prompt_len, args.context + args.decode_tokens) + 8)
     else:
-        dtype, method, lm = OURS.get(row) or (HF[row], None, False)
+        dtype, method, lm, backend = OURS.get(row) or (HF[row], None, False, None)
         model = build_model(config, dtype)
         if method:
-            model = quantize_model(model, method, group_size=128, lm_head=lm)
+            model = quantize_model(model, method, group_size=128, lm_head=lm, backend=backend)
         info["weight_bytes"] = weight_bytes(model)
         runner = Reference(model) if row in HF else Ours(model, not args.no_engine)
         del model

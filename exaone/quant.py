@@ -1,18 +1,20 @@
 """Weight-only quantization for CPU decode: int8 per output channel, int4 group-wise.
 
-`quantize_model(model, "int8" | "int4")` swaps each decoder `nn.Linear` (q/k/v/o, gate/up/down;
-`lm_head` on request) for a `QuantLinear` that keeps packed integer weights and runs PyTorch's own
-weight-only CPU kernels, so no float copy of a weight is ever rebuilt during decode:
+`quantize_model(model, "int8" | "int4")` swaps each decoder `nn.Linear` (q/k/v/o, gate/up/down)
+and, by default, `lm_head` (as int8) for a `QuantLinear` that keeps packed integer weights, so no
+float copy of a weight is ever rebuilt during decode. Three backends run them (`default_backend`):
 
-    int8  aten._weight_int8pack_mm(x, w_int8 (N, K), scales (N,))                 w = q * s[n]
-    int4  aten._weight_int4pack_mm_for_cpu(x, packed, group, sz (K/group, N, 2))   w = (q - 8) * s + z
-          packed = aten._convert_weight_to_int4pack_for_cpu(q_int32 (N, K), 2)    q in 0..15
+    vnni     exaone.kernels.qgemm: activations quantized per call to int8 blocks, integer dot
+             products (AVX-512 VNNI); int8 w = q * s[n], int4 w = (q - 8) * s + z per group
+    torch    aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu: weights widened to float,
+             activations cast to `act_dtype` (bfloat16 by default) at the boundary
+    dequant  a float weight rebuilt on every call (slow; no kernel at all)
 
-Activations are cast to `act_dtype` (bfloat16 by default: the kernels' fast path) at the boundary and
-the output is cast back. The int4 packed layout depends on the CPU's instruction set, so files hold
-a portable layout (two nibbles a byte, even column in the low nibble) and are repacked on load.
-`save_quantized` / `load_quantized` write and read that format with a `quantization_config` in
-config.json. This module must not know about tokenizers, generation or GGUF.
+EXAONE_NO_KERNELS=1 (or a CPU without AVX-512 VNNI) gives torch. Files hold one portable layout
+(int8 (N, K); int4 two nibbles a byte, even column in the low nibble; scales in `act_dtype`),
+repacked on load for whichever backend runs here. `save_quantized` / `load_quantized` write and
+read that format with a `quantization_config` in config.json. This module must not know about
+tokenizers, generation or GGUF.
 """
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import qgemm
+
 METHODS = ("int8", "int4")
+BACKENDS = ("vnni", "torch", "dequant")
 INT4_GROUPS = (32, 64, 128, 256)  # what the int4 CPU kernel accepts
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -97,82 +102,149 @@ def kernel_to_portable(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 # ---- the module -------------------------------------------------------------------------------
+def default_backend(method: str) -> str:
+    """"vnni" (exaone/kernels/qgemm: int8 activations, integer dot products) when it builds here,
+    else "torch" (PyTorch's weight-only kernels), else "dequant" (a float weight rebuilt per call)."""
+    if qgemm.available():
+        return "vnni"
+    return "torch" if kernels_available()[method] else "dequant"
+
+
 class QuantLinear(nn.Module):
     """A bias-free Linear with int8 (per output channel) or int4 (group-wise) weights.
 
-    Buffers, int8: `qweight` int8 (N, K), `scales` (N,).  int4: `qweight` uint8 (N, K/2) in the
-    kernel's layout, `scales_and_zeros` (K/group, N, 2). Scales are in `act_dtype`, as the
-    kernels require. `fused` False means the kernel is missing: dequantize on every call (slow).
+    Buffers `qweight` and `scales` (int8) or `scales_and_zeros` (int4) hold the layout of the
+    backend that runs them (`backend`, see default_backend): "vnni" packs them with
+    exaone.kernels.qgemm (int4 scales and zeros in bfloat16); "torch" keeps int8 (N, K) / torch's
+    int4 pack with scales in `act_dtype`; "dequant" keeps the file layout. `portable_state()` gives
+    the file layout whatever the backend: int8 (N, K) and (N,), or pack_nibbles (N, K/2) and
+    (K/group, N, 2), scales in `act_dtype`.
     """
 
     def __init__(self, in_features: int, out_features: int, method: str, group_size: int = 128,
-                 act_dtype: torch.dtype = torch.bfloat16, device=None):
+                 act_dtype: torch.dtype = torch.bfloat16, device=None, backend: str | None = None):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"quantization method must be one of {METHODS}, got {method!r}")
         if act_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"act_dtype must be float32, bfloat16 or float16, got {act_dtype}")
+        if backend not in (None, *BACKENDS):
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.in_features, self.out_features, self.method, self.act_dtype = in_features, out_features, method, act_dtype
-        self.fused = kernels_available()[method]
+        self.backend = backend or default_backend(method)
+        if self.backend == "torch" and not kernels_available()[method]:
+            raise ValueError(f"this torch has no weight-only {method} kernel; use backend 'vnni' or 'dequant'")
+        n, k = out_features, in_features
         if method == "int8":
             self.group_size = in_features
-            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-            self.register_buffer("scales", torch.empty(out_features, dtype=act_dtype, device=device))
+            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(n, dtype=act_dtype, device=device))
         else:
             if out_features % 16:
                 raise ValueError(f"int4 needs out_features divisible by 16, got {out_features}")
             self.group_size = _group_for(in_features, group_size)
-            groups = in_features // self.group_size
-            self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-            self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=act_dtype, device=device))
+            self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales_and_zeros", torch.empty(k // self.group_size, n, 2, dtype=act_dtype, device=device))
+
+    @property
+    def fused(self) -> bool:
+        return self.backend != "dequant"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, method: str, group_size: int = 128,
-                    act_dtype: torch.dtype = torch.bfloat16) -> "QuantLinear":
+                    act_dtype: torch.dtype = torch.bfloat16, backend: str | None = None) -> "QuantLinear":
         if linear.bias is not None:
             raise ValueError("QuantLinear has no bias (EXAONE 4.0 linears have none)")
-        m = cls(linear.in_features, linear.out_features, method, group_size, act_dtype)
+        m = cls(linear.in_features, linear.out_features, method, group_size, act_dtype, backend=backend)
         w = linear.weight.detach().float()
         with torch.no_grad():
             if method == "int8":
                 # Symmetric, per output channel: [-127, 127] so that -q is representable too.
                 s = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-                m.qweight.copy_(torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8))
-                m.scales.copy_(s.to(act_dtype))
+                m.set_int8(torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s)
             else:
                 q, scale, zero = quantize_int4(w, m.group_size)
                 m.set_int4(q, scale, zero)
         return m
 
+    def set_int8(self, q: torch.Tensor, s: torch.Tensor) -> None:
+        """q int8 (N, K), s (N,): w = q * s."""
+        s = s.to(self.act_dtype)  # the file's precision, whatever the backend computes in
+        if self.backend == "vnni":
+            self.qweight, self.scales = qgemm.pack_int8(q.cpu()), qgemm.pack_int8_scales(s)
+        else:
+            self.qweight, self.scales = _aligned(q.to(torch.int8)), _aligned(s)
+
     def set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """q (N, K) in 0..15; scale, zero (N, K/group) with w = (q - 8) * scale + zero."""
+        if self.backend == "vnni":
+            self.qweight = qgemm.pack_int4(q)
+            self.scales_and_zeros = qgemm.pack_int4_scales(scale, zero)  # bfloat16, whatever act_dtype
+            return
         q = q.to(torch.int32).contiguous()
-        if self.fused:
-            self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-        else:
-            self.qweight = pack_nibbles(q)
+        self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2) if self.backend == "torch" else pack_nibbles(q)
         self.scales_and_zeros = torch.stack([scale.T, zero.T], dim=-1).to(self.act_dtype).contiguous()
 
+    def set_portable(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        """Fill from the file layout (see portable_state)."""
+        if self.method == "int8":
+            self.set_int8(qweight, scales)
+        else:
+            self.set_int4(unpack_nibbles(qweight), scales[..., 0].T, scales[..., 1].T)
+
+    def _logical(self):
+        """int8: (q (N, K) int8, s (N,) float32); int4: (codes (N, K), scale, zero (N, K/group) float32)."""
+        n, k = self.out_features, self.in_features
+        if self.method == "int8":
+            if self.backend == "vnni":
+                return qgemm.unpack_int8(self.qweight, n, k), self.scales[:n].float()
+            return self.qweight, self.scales.float()
+        if self.backend == "vnni":
+            scale, zero = qgemm.unpack_int4_scales(self.scales_and_zeros, n)
+            return qgemm.unpack_int4(self.qweight, n, k), scale.float(), zero.float()
+        packed = self.qweight if self.backend == "dequant" else kernel_to_portable(self.qweight, n, k)
+        sz = self.scales_and_zeros.float()
+        return unpack_nibbles(packed), sz[..., 0].T, sz[..., 1].T
+
+    def portable_state(self) -> dict[str, torch.Tensor]:
+        """The file layout: {"qweight", "scales" | "scales_and_zeros"} (see save_quantized)."""
+        if self.method == "int8":
+            q, s = self._logical()
+            return {"qweight": q, "scales": s.to(self.act_dtype)}
+        q, scale, zero = self._logical()
+        return {"qweight": pack_nibbles(q),
+                "scales_and_zeros": torch.stack([scale.T, zero.T], dim=-1).to(self.act_dtype).contiguous()}
+
+    def portable_shapes(self) -> dict[str, tuple[int, ...]]:
+        n, k = self.out_features, self.in_features
+        if self.method == "int8":
+            return {"qweight": (n, k), "scales": (n,)}
+        return {"qweight": (n, k // 2), "scales_and_zeros": (k // self.group_size, n, 2)}
+
     def portable_qweight(self) -> torch.Tensor:
-        if self.method == "int8" or not self.fused:
-            return self.qweight
-        return kernel_to_portable(self.qweight, self.out_features, self.in_features)
+        return self.portable_state()["qweight"]
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight this module represents (reference path and tests)."""
         if self.method == "int8":
-            return self.qweight.float() * self.scales.float()[:, None]
-        q = unpack_nibbles(self.portable_qweight()).float()
-        sz = self.scales_and_zeros.float()
-        scale, zero = sz[..., 0].T, sz[..., 1].T  # (N, groups)
+            q, s = self._logical()
+            return q.float() * s[:, None]
+        q, scale, zero = self._logical()
         g = self.group_size
-        w = (q.view(self.out_features, -1, g) - 8) * scale[..., None] + zero[..., None]
+        w = (q.float().view(self.out_features, -1, g) - 8) * scale[..., None] + zero[..., None]
         return w.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "vnni":  # int8 activations, float32 or bfloat16 in and out
+            xin = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+            if self.method == "int8":
+                y = qgemm.int8_linear(xin, self.qweight, self.scales, self.out_features)
+            else:
+                y = qgemm.int4_linear(xin, self.qweight, self.scales_and_zeros, self.out_features, self.group_size)
+            return y.to(x.dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.act_dtype).contiguous()
-        if not self.fused:
+        if self.backend == "dequant":
             y = F.linear(x2, self.dequantize().to(self.act_dtype))  # slow fallback: no kernel in this build
         elif self.method == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
@@ -185,7 +257,8 @@ class QuantLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
-        kind = "fused kernel" if self.fused else "DEQUANTIZE FALLBACK (no kernel in this torch)"
+        kind = {"vnni": "VNNI kernel, int8 activations", "torch": "torch weight-only kernel",
+                "dequant": "DEQUANTIZE FALLBACK (no kernel in this torch)"}[self.backend]
         return (f"in={self.in_features}, out={self.out_features}, {self.method}, group={self.group_size}, "
                 f"act={str(self.act_dtype).replace('torch.', '')}, {kind}")
 
@@ -216,29 +289,46 @@ def _targets(model: nn.Module, lm_head: bool):
         yield model, "lm_head"
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int = 128, lm_head: bool = False,
-                   act_dtype: torch.dtype | str = torch.bfloat16) -> nn.Module:
-    """Replace the decoder linears (and `lm_head` if asked) with QuantLinear, in place; returns model.
+def lm_head_method(method: str, lm_head) -> str | None:
+    """What lm_head becomes: None/False float, True the body's method, or "int8" / "int4"."""
+    if lm_head is None or lm_head is False:
+        return None
+    if lm_head is True:
+        return method
+    if lm_head not in METHODS:
+        raise ValueError(f"lm_head must be a bool or one of {METHODS}, got {lm_head!r}")
+    return lm_head
 
-    With tied embeddings, quantizing lm_head makes an int copy of the embedding table for the
-    output projection (the embedding itself stays float): more memory, fewer bytes read per step.
+
+def quantize_model(model: nn.Module, method: str, group_size: int = 128, lm_head: bool | str | None = "int8",
+                   act_dtype: torch.dtype | str = torch.bfloat16, backend: str | None = None) -> nn.Module:
+    """Replace the decoder linears with QuantLinear, in place; returns model.
+
+    `lm_head`: "int8" (default: a quarter of a bfloat16 lm_head's bytes for a tiny logit error,
+    measured in docs/quantization.md; llama.cpp's Q4_K_M likewise keeps its output matrix at
+    higher precision than the body), "int4", True (the body's method) or False (stay float).
+    `backend`: None picks the fastest here (default_backend); "torch" / "dequant" force one.
+    With tied embeddings a quantized lm_head is an int copy of the embedding table (the embedding
+    lookup stays float): more memory, fewer bytes read per step.
     """
     if method not in METHODS:
         raise ValueError(f"quantize must be one of {METHODS}, got {method!r}")
     if method == "int4" and group_size not in INT4_GROUPS:
         raise ValueError(f"int4 group_size must be one of {INT4_GROUPS}, got {group_size}")
+    head = lm_head_method(method, lm_head)
     if isinstance(act_dtype, str):
         act_dtype = getattr(torch, act_dtype)
     if getattr(model, "quantization_config", None):
         raise ValueError(f"model is already quantized ({model.quantization_config['quant_method']})")
     if model.device.type != "cpu":
         raise ValueError(f"quantize_model targets CPU kernels; the model is on {model.device}")
-    for parent, name in list(_targets(model, lm_head)):
+    for parent, name in list(_targets(model, head is not None)):
         lin = getattr(parent, name)
         if isinstance(lin, nn.Linear):
-            setattr(parent, name, QuantLinear.from_linear(lin, method, group_size, act_dtype))
+            m = head if name == "lm_head" else method
+            setattr(parent, name, QuantLinear.from_linear(lin, m, group_size, act_dtype, backend))
     model.quantization_config = {"quant_method": f"exaone-{method}", "group_size": group_size if method == "int4" else None,
-                                 "lm_head": lm_head, "act_dtype": str(act_dtype).replace("torch.", "")}
+                                 "lm_head": head or False, "act_dtype": str(act_dtype).replace("torch.", "")}
     return model
 
 
@@ -258,7 +348,9 @@ def save_quantized(model: nn.Module, path) -> Path:
     """Write config.json (with quantization_config) and model.safetensors of a quantized model.
 
     Per QuantLinear: `<name>.qweight` (int8 (N, K), or uint8 (N, K/2) in pack_nibbles layout) and
-    `<name>.scales` (N,) or `<name>.scales_and_zeros` (K/group, N, 2); every other tensor as is.
+    `<name>.scales` (N,) or `<name>.scales_and_zeros` (K/group, N, 2), whatever the backend; every
+    other tensor as is. quantization_config["lm_head"]: False, or the lm_head's method (old files: True,
+    the body's method).
     """
     from safetensors.torch import save_file
 
@@ -274,7 +366,7 @@ def save_quantized(model: nn.Module, path) -> Path:
     state = dict(model.state_dict())
     for mname, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            state[f"{mname}.qweight"] = m.portable_qweight()
+            state.update({f"{mname}.{k}": v for k, v in m.portable_state().items()})
     if model.config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
         state.pop("lm_head.weight", None)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -301,9 +393,10 @@ def load_quantized(path, dtype=None) -> nn.Module:
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = Exaone4ForCausalLM(config)
-    for parent, name in list(_targets(model, bool(qc.get("lm_head")))):
+    head = lm_head_method(method, qc.get("lm_head"))
+    for parent, name in list(_targets(model, head is not None)):
         lin = getattr(parent, name)
-        setattr(parent, name, QuantLinear(lin.in_features, lin.out_features, method,
+        setattr(parent, name, QuantLinear(lin.in_features, lin.out_features, head if name == "lm_head" else method,
                                           qc.get("group_size") or 128, act_dtype, device="meta"))
     file = path / "model.safetensors"
     with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -320,19 +413,12 @@ def load_quantized(path, dtype=None) -> nn.Module:
                    if not any(k.startswith(f"{n}.") for n in quant.values())}
     model.load_state_dict(float_state, strict=False, assign=True)
     for m, n in quant.items():
-        want = tuple(m.qweight.shape)
-        q, sz = state[f"{n}.qweight"], state[f"{n}.{'scales' if method == 'int8' else 'scales_and_zeros'}"]
-        if tuple(q.shape) != want:
-            raise CheckpointError(f"{file}: tensor {n}.qweight has shape {list(q.shape)}, expected {list(want)}")
-        if method == "int8":
-            m.qweight, m.scales = _aligned(q), _aligned(sz.to(act_dtype))
-        else:
-            if tuple(sz.shape) != tuple(m.scales_and_zeros.shape):
-                raise CheckpointError(f"{file}: tensor {n}.scales_and_zeros has shape {list(sz.shape)}, "
-                                      f"expected {list(m.scales_and_zeros.shape)}")
-            q = unpack_nibbles(q)
-            m.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2) if m.fused else pack_nibbles(q)
-            m.scales_and_zeros = _aligned(sz.to(act_dtype))
+        for key, want in m.portable_shapes().items():
+            if tuple(state[f"{n}.{key}"].shape) != want:
+                raise CheckpointError(f"{file}: tensor {n}.{key} has shape {list(state[f'{n}.{key}'].shape)}, "
+                                      f"expected {list(want)}")
+        q, sz = (state[f"{n}.{key}"] for key in m.portable_shapes())
+        m.set_portable(q, sz.to(act_dtype))
     if isinstance(model.lm_head, nn.Linear):  # a quantized lm_head is its own copy, never tied
         model.tie_weights()
     model.reset_rope()

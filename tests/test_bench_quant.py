@@ -18,7 +18,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (CMAK
                                         "-DGGML_NATIVE=OFF' pip install llama-cpp-python)")
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_quant.py"
-ROWS = ["int8", "llama-F16", "llama-Q8_0", "llama-Q4_K_M"]
+ROWS = ["int8", "int8-torch", "llama-F16", "llama-Q8_0", "llama-Q4_K_M"]
 REPEATS = 2
 
 
@@ -56,8 +56,9 @@ def test_llama_cpp_rows_run_on_our_export(run):
     # format sizes: Q8_0 is 34 bytes per 32 weights (vs 64 in F16); Q4_K is 4.5 bits, Q6_K 6.56
     assert q8["weight_bytes"] / f16["weight_bytes"] == pytest.approx(34 / 64, rel=0.03)
     assert 4.5 / 16 < q4["weight_bytes"] / f16["weight_bytes"] < 6.6 / 16
-    # our int8 keeps the tied lm_head in bfloat16: more bytes than Q8_0, fewer than F16
-    assert q8["weight_bytes"] < rows["int8"]["weight_bytes"] < f16["weight_bytes"]
+    # our int8 has an int8 lm_head and one scale per row (Q8_0: one per 32 weights): fewer bytes than Q8_0;
+    # int8-torch keeps the tied lm_head in bfloat16: more bytes than Q8_0, fewer than F16
+    assert rows["int8"]["weight_bytes"] < q8["weight_bytes"] < rows["int8-torch"]["weight_bytes"] < f16["weight_bytes"]
     assert not list(tmp.glob("bench_quant_gguf_*")), "the GGUF temp dir was not removed"
 
 
@@ -74,7 +75,7 @@ def test_table_has_ratios_against_the_matching_llama_cpp_row(run):
 def test_split_runs_merge_into_the_same_table(run):
     tmp, out, speed = run
     parts = []
-    for i, rows in enumerate((speed["rows"][:2], speed["rows"][2:])):
+    for i, rows in enumerate((speed["rows"][:3], speed["rows"][3:])):
         parts.append(tmp / f"part{i}.json")
         parts[-1].write_text(json.dumps({"speed": {**speed, "rows": rows}}))
     merged = _bench("--merge", *map(str, parts), "--json", str(tmp / "merged.json"), tmp=tmp)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from exaone.model import Exaone4ForCausalLM
+from exaone.kernels import qgemm
 from exaone.quant import (QuantLinear, kernel_to_portable, kernels_available, load_quantized,
                           pack_nibbles, quantize_model, save_quantized, weight_bytes)
 from exaone.testing import init_random_, tiny_config
@@ -49,19 +50,33 @@ def test_this_torch_has_the_fused_kernels():
     assert kernels_available() == {"int8": True, "int4": True}
 
 
+BACKENDS = [b for b in ("vnni", "torch", "dequant") if b != "vnni" or qgemm.available()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method,group", [("int8", 128), ("int4", 32), ("int4", 128)])
 @pytest.mark.parametrize("rows", [1, 7, 40])
-def test_kernel_equals_dequantized_reference(method, group, rows):
+def test_kernel_equals_dequantized_reference(method, group, rows, backend):
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 96, bias=False)
-    q = QuantLinear.from_linear(lin, method, group, act_dtype=torch.float32)
+    q = QuantLinear.from_linear(lin, method, group, act_dtype=torch.float32, backend=backend)
     x = torch.randn(rows, 256)
-    assert _rel(q(x), x @ q.dequantize().T) < 1e-5
-    slow = QuantLinear.from_linear(lin, method, group, act_dtype=torch.float32)
-    slow.fused = False  # the labelled fallback path gives the same numbers
-    if method == "int4":
-        slow.qweight = q.portable_qweight()
-    assert _rel(slow(x), q(x)) < 1e-5
+    if backend == "vnni":  # int8 activations: the reference quantizes them the same way
+        ref = qgemm.reference_linear(x, q.dequantize(), qgemm.INT8_BLOCK if method == "int8" else group)
+    else:
+        ref = x @ q.dequantize().T
+    assert _rel(q(x), ref) < 1e-5
+
+
+@pytest.mark.parametrize("method,group", [("int8", 128), ("int4", 32)])
+def test_backends_hold_the_same_weights(method, group):
+    lin = torch.nn.Linear(128, 64, bias=False)
+    mods = {b: QuantLinear.from_linear(lin, method, group, backend=b) for b in BACKENDS}
+    ref = mods["dequant"]
+    for b, m in mods.items():
+        assert torch.equal(m.dequantize(), ref.dequantize()), b
+        for key, t in m.portable_state().items():
+            assert torch.equal(t, ref.portable_state()[key]), (b, key)
 
 
 @pytest.mark.parametrize("method,group,bound", [("int8", 128, 0.01), ("int4", 32, 0.12), ("int4", 128, 0.15)])
@@ -103,28 +118,65 @@ def test_decode_with_cache_matches_full_forward():
         cache = m.make_cache(rows=1, max_len=64)
         steps = [m(ids[:, i:i + 1], position_ids=torch.tensor([[i]]), cache=cache, rows=slice(0, 1))
                  for i in range(ids.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-3, atol=1e-3)
+    # int8 activations: a float-rounding difference in attention can flip one activation's rounding
+    # (one step, amax / 127), so the bound is on the whole, not on every logit.
+    assert _rel(torch.cat(steps, 1), full) < 2e-3
+    assert torch.equal(torch.cat(steps, 1).argmax(-1), full.argmax(-1))
 
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("method,lm_head", [("int8", False), ("int4", False), ("int4", True)])
+@pytest.mark.parametrize("method,lm_head", [("int8", False), ("int4", False), ("int4", True), ("int4", "int8")])
 def test_save_load_round_trip(tmp_path, tied, method, lm_head):
     m = quantize_model(_model(tied=tied), method, group_size=32, lm_head=lm_head)
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(2))
     save_quantized(m, tmp_path)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == f"exaone-{method}" and qc["lm_head"] == lm_head
+    head = method if lm_head is True else lm_head
+    assert qc["quant_method"] == f"exaone-{method}" and qc["lm_head"] == head
     assert qc["group_size"] == (32 if method == "int4" else None)
     back = load_quantized(tmp_path)
     with torch.no_grad():  # 40 rows: the shape that crashed on unaligned safetensors buffers
         assert torch.equal(back(ids), m(ids))
     assert weight_bytes(back) == weight_bytes(m)
+    assert getattr(back.lm_head, "method", False) == head
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "model.layers.0.self_attn.q_proj.qweight" in names
     assert ("lm_head.weight" in names) == (not tied and not lm_head)
+
+
+def test_files_load_on_every_backend(tmp_path, monkeypatch):
+    """A file written by one backend runs on another (same weights, its own arithmetic); an old
+    file's `"lm_head": true` means the body's method."""
+    import exaone.quant as quant
+
+    m = quantize_model(_model(), "int4", group_size=32, lm_head=True)
+    save_quantized(m, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["lm_head"] = True  # as files from before lm_head took a method
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(4))
+    outs = {}
+    for b in BACKENDS:
+        monkeypatch.setattr(quant, "default_backend", lambda method, b=b: b)
+        back = load_quantized(tmp_path)
+        assert back.lm_head.backend == b and back.lm_head.method == "int4"
+        assert torch.equal(back.lm_head.dequantize(), m.lm_head.dequantize())
+        with torch.no_grad():
+            outs[b] = back(ids)
+    for b in BACKENDS:
+        assert _rel(outs[b], outs["dequant"]) < 0.05, b  # vnni: int8 activations; torch: bf16 ones
+
+
+def test_no_kernels_switch_falls_back_to_torch(monkeypatch):
+    from exaone.kernels import _ext
+
+    monkeypatch.setenv("EXAONE_NO_KERNELS", "1")
+    monkeypatch.setattr(qgemm, "QGEMM", _ext.Extension("exaone_qgemm", "qgemm.cpp", qgemm.QGEMM.flags))
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 32, bias=False), "int8")
+    assert q.backend == "torch" and "torch weight-only kernel" in repr(q)
 
 
 def test_loader_quantizes_and_reads_quantized_directories(tmp_path):
@@ -145,6 +197,7 @@ def test_weight_bytes_shrink():
     m = _model(hidden=256)
     dense = weight_bytes(m)
     int8 = weight_bytes(quantize_model(_model(hidden=256), "int8", lm_head=True))
+    assert weight_bytes(quantize_model(_model(hidden=256), "int8", lm_head=False)) > int8
     int4 = weight_bytes(quantize_model(_model(hidden=256), "int4", lm_head=True))
     assert int8 < 0.3 * dense and int4 < 0.6 * int8
 
