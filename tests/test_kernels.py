@@ -1,5 +1,5 @@
-"""exaone.kernels.bf16_linear against fp32 references, its input checks, its fallbacks, and
-model.Linear's routing. The extension is built once per machine (cached on disk), loaded once
+"""exaone.kernels.f32_linear / bf16_linear against float64 / fp32 references, their input checks,
+their fallbacks, and model.Linear's routing. The extension is built once per machine (cached on disk), loaded once
 per session."""
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ needs_avx512 = pytest.mark.skipif(
 def kern(monkeypatch):
     """The built kernel module; EXAONE_NO_KERNELS from the environment does not apply here."""
     monkeypatch.delenv("EXAONE_NO_KERNELS", raising=False)
-    if kernels.BF16.tried and kernels.BF16.module is None:
-        monkeypatch.setattr(kernels.BF16, "tried", False)
+    if kernels.GEMM.tried and kernels.GEMM.module is None:
+        monkeypatch.setattr(kernels.GEMM, "tried", False)
     assert kernels.available(), kernels.disabled_reason()
     return kernels
 
@@ -118,9 +118,9 @@ def test_bad_input_is_refused_clearly(kern):
         kern.bf16_linear(x, torch.randn(8, 4).bfloat16().T)
     # The C++ entry point checks too, for callers that skip the Python wrapper.
     with pytest.raises(RuntimeError, match="must be \\(M, K\\)"):
-        kern.BF16.module.bf16_linear(x[None], w)
+        kern.GEMM.module.bf16_linear(x[None], w)
     with pytest.raises(RuntimeError, match="contiguous"):
-        kern.BF16.module.bf16_linear(x, torch.randn(8, 4).bfloat16().T)
+        kern.GEMM.module.bf16_linear(x, torch.randn(8, 4).bfloat16().T)
 
 
 @needs_avx512
@@ -148,6 +148,82 @@ def test_concurrent_calls_from_threads(kern):
     assert not errors and len(got) == len(xs)
 
 
+def _check_f32(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    # The same fp32 products summed in another order than MKL's: each sum is within
+    # K 2^-24 sum|x w| of the exact one (float64 here), as F.linear's is; where a sum cancels
+    # the two differ by more than assert_close's default tolerance, so that bound is the test.
+    exact = x.double() @ w.double().T
+    assert out.dtype == torch.float32 and out.shape == exact.shape
+    bound = x.shape[-1] * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T) + 1e-30
+    for got in (out, F.linear(x, w)):
+        excess = (got.double() - exact).abs() - bound
+        assert excess.max().item() <= 0, f"off by {excess.max().item():.3g} beyond the bound"
+
+
+@needs_avx512
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 8, 16, 17, 33, 64, 130])
+@pytest.mark.parametrize("n,k", [(64, 256), (37, 129), (5, 1000), (9, 7), (130, 2048 + 17), (261, 1030)])
+def test_f32_matches_float64_reference(kern, m, n, k):
+    # k not a multiple of 16 (masked tail) and over one K slice; n over one weight panel and
+    # not a multiple of the register block; m over one block of rows and not a multiple of 4.
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    _check_f32(kern.f32_linear(x, w), x, w)
+
+
+@needs_avx512
+def test_f32_leading_dims_non_contiguous_input_and_empty_shapes(kern):
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(33, 65, generator=gen)
+    x3 = torch.randn(2, 5, 65, generator=gen)
+    out = kern.f32_linear(x3, w)
+    assert out.shape == (2, 5, 33)
+    assert torch.equal(out, kern.f32_linear(x3.reshape(10, 65), w).view(2, 5, 33))
+    wide = torch.randn(6, 200, generator=gen)
+    for x in (wide[:, 10:75], wide[:, ::3][:, :65], wide[:, :65].T.contiguous().T):
+        assert not x.is_contiguous()
+        _check_f32(kern.f32_linear(x, w), x, w)
+    assert kern.f32_linear(torch.zeros(0, 8), torch.ones(4, 8)).shape == (0, 4)
+    assert torch.equal(kern.f32_linear(torch.ones(3, 0), torch.ones(4, 0)), torch.zeros(3, 4))
+
+
+@needs_avx512
+def test_f32_bad_input_is_refused_clearly(kern):
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(TypeError, match="float32 x and w"):
+        kern.f32_linear(x.double(), w)
+    with pytest.raises(TypeError, match="float32"):
+        kern.f32_linear(x, w.bfloat16())
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        kern.f32_linear(x, torch.randn(4, 9))
+    with pytest.raises(ValueError, match="contiguous weight"):
+        kern.f32_linear(x, torch.randn(8, 4).T)
+    with pytest.raises(RuntimeError, match="must be Float"):
+        kern.GEMM.module.f32_linear(x.bfloat16(), w.bfloat16())
+    with pytest.raises(RuntimeError, match="must be \\(M, K\\)"):
+        kern.GEMM.module.f32_linear(x[None], w)
+
+
+@needs_avx512
+@pytest.mark.parametrize("rows", [1, 2, 16, 63, 64, 200])
+def test_linear_routes_f32_rows(kern, rows):
+    gen = torch.Generator().manual_seed(rows)
+    lin = model.Linear(96, 40, bias=False)
+    x = torch.randn(1, rows, 96, generator=gen)
+    with torch.no_grad():
+        out = lin(x)
+        if 2 <= rows < model._F32_KERNEL_ROWS:
+            assert torch.equal(out, kern.f32_linear(x, lin.weight))
+        else:
+            assert torch.equal(out, F.linear(x, lin.weight))
+        _check_f32(out.view(rows, 40), x.view(rows, 96), lin.weight)
+    # With gradients (training) the kernel, which has no autograd, is not used.
+    out = lin(x)
+    assert out.requires_grad and torch.equal(out, F.linear(x, lin.weight))
+    out.sum().backward()
+    assert lin.weight.grad is not None
+
+
 @needs_avx512
 @pytest.mark.parametrize("n,k", [(40, 96), (2048, 2048)])  # under / at model._KERNEL_MIN_WEIGHTS
 @pytest.mark.parametrize("rows", [1, 2, 16, 63, 64, 127, 128, 200])
@@ -165,21 +241,20 @@ def test_linear_routes_bf16_rows(kern, rows, n, k):
         elif model._SLOW_BF16_GEMM and rows > 1:
             assert torch.equal(out, model.Linear.upcast(x, w))
         _check(out.view(rows, n), x.view(rows, k), w)
-        xf = x.float()  # fp32 never takes the kernel
-        assert torch.equal(lin.float()(xf), F.linear(xf, lin.weight))
 
 
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("EXAONE_NO_KERNELS", "1")
-    monkeypatch.setattr(kernels.BF16, "tried", False)
-    monkeypatch.setattr(kernels.BF16, "module", kernels.BF16.module)
-    monkeypatch.setattr(kernels.BF16, "reason", kernels.BF16.reason)
+    monkeypatch.setattr(kernels.GEMM, "tried", False)
+    monkeypatch.setattr(kernels.GEMM, "module", kernels.GEMM.module)
+    monkeypatch.setattr(kernels.GEMM, "reason", kernels.GEMM.reason)
     assert not kernels.available()
     assert "EXAONE_NO_KERNELS" in kernels.disabled_reason()
     lin = model.Linear(16, 8, bias=False).to(torch.bfloat16)
     x = torch.randn(4, 16).bfloat16()
     with torch.no_grad():
         assert torch.equal(lin(x), F.linear(x, lin.weight))  # the torch path
+        assert torch.equal(lin.float()(x.float()), F.linear(x.float(), lin.weight))
     with pytest.raises(RuntimeError, match="EXAONE_NO_KERNELS"):
         kernels.bf16_linear(x, lin.weight)
 
@@ -190,10 +265,10 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         raise RuntimeError("Error building extension: no compiler here")
 
     monkeypatch.delenv("EXAONE_NO_KERNELS", raising=False)
-    monkeypatch.setattr(kernels.BF16, "tried", False)
-    monkeypatch.setattr(kernels.BF16, "module", kernels.BF16.module)
-    monkeypatch.setattr(kernels.BF16, "reason", kernels.BF16.reason)
-    monkeypatch.setattr(kernels.BF16, "build", broken)
+    monkeypatch.setattr(kernels.GEMM, "tried", False)
+    monkeypatch.setattr(kernels.GEMM, "module", kernels.GEMM.module)
+    monkeypatch.setattr(kernels.GEMM, "reason", kernels.GEMM.reason)
+    monkeypatch.setattr(kernels.GEMM, "build", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert not kernels.available() and not kernels.available()
@@ -208,18 +283,19 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
 
 def test_import_does_not_build():
     code = ("import exaone, exaone.model, exaone.engine, exaone.kernels as k; "
-            "assert not k.BF16.tried and k.BF16.module is None; print('ok')")
+            "assert not k.GEMM.tried and k.GEMM.module is None; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 def test_compiled_graph_keeps_the_torch_path():
     # Dynamo cannot trace into the extension; under torch.compile Linear keeps F.linear / mv.
-    lin = model.Linear(32, 8, bias=False).to(torch.bfloat16)
-    x = torch.randn(4, 32).bfloat16()
-    with torch.no_grad():
-        out = torch.compile(lin, backend="eager", fullgraph=True)(x)
-    assert torch.equal(out, F.linear(x, lin.weight))
+    for dtype in (torch.bfloat16, torch.float32):
+        lin = model.Linear(32, 8, bias=False).to(dtype)
+        x = torch.randn(4, 32).to(dtype)
+        with torch.no_grad():
+            out = torch.compile(lin, backend="eager", fullgraph=True)(x)
+        assert torch.equal(out, F.linear(x, lin.weight))
 
 
 def test_stale_build_lock_is_cleared(monkeypatch, tmp_path):
@@ -237,7 +313,7 @@ def test_stale_build_lock_is_cleared(monkeypatch, tmp_path):
 
 
 def test_engine_builds_the_kernel_at_construction_for_batched_bf16(monkeypatch):
-    """A bf16 engine that can batch asks for the kernel when it is built, not in its first step."""
+    """An engine that can batch asks for the kernel when it is built, not in its first step."""
     from exaone.engine import Engine
     from exaone.testing import init_random_, tiny_config
 
@@ -246,10 +322,12 @@ def test_engine_builds_the_kernel_at_construction_for_batched_bf16(monkeypatch):
     monkeypatch.setattr(model.kernels, "available", lambda: calls.append(1) or True)
     fp32 = model.Exaone4ForCausalLM(tiny_config())
     init_random_(fp32)
-    Engine(fp32, max_batch=4)  # float32: nothing to build
+    Engine(fp32, max_batch=1)  # batch 1 decodes through MKL's GEMV
     assert calls == []
+    Engine(fp32, max_batch=4)
+    assert calls == [1]
     bf16 = fp32.to(torch.bfloat16)
     Engine(bf16, max_batch=1)  # batch 1 decodes through torch.mv
-    assert calls == []
-    Engine(bf16, max_batch=4)
     assert calls == [1]
+    Engine(bf16, max_batch=4)
+    assert calls == [1, 1]

@@ -1,0 +1,274 @@
+// out[M, N] = x[M, K] @ w[N, K]^T on AVX-512 CPUs, for fp32 and bf16 (the latter for CPUs without
+// bf16 dot-product instructions). fp32 accumulation; bf16 output rounds to nearest even once.
+//
+// Dot-product form: a register block of 4 rows of x against 4 rows of w keeps 16 vector
+// accumulators over a slice of K, then one shuffle tree turns them into the 16 sums (no
+// per-element horizontal reduction). w stays (N, K) row-major as stored; nothing is transposed.
+//  - Few rows (memory-bound): each weight is read once per call and used for every row of x;
+//    bf16 weights are widened in registers (bf16 -> fp32 is a 16-bit shift: one 512-bit load of
+//    32 weights gives the even-indexed ones `lane << 16` and the odd ones `lane & 0xffff0000`;
+//    x is converted once into the same even/odd order, so no shuffles are needed).
+//  - More rows (compute-bound): 4 weight rows at a time, cut into K slices (kKC values, 16 KiB
+//    of fp32) that stay in L1 while every row of x passes over them; a bf16 slice is widened to
+//    fp32 once per call, so the inner loop is the same pure fp32 FMA loop for both dtypes.
+//  Both prefetch the next slice while the current one computes, so memory streams throughout.
+// Threads split N (at::parallel_for, torch's thread count).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+// Overridable only to try other settings (bench/bench_kernels.py --tune).
+#ifndef EXAONE_KC
+#define EXAONE_KC 1024  // K slice when x has more than 4 rows (multiple of 32)
+#endif
+#ifndef EXAONE_WIDEN_ROWS
+#define EXAONE_WIDEN_ROWS 5  // bf16: from this many rows, widen weight slices once instead of in registers
+#endif
+#ifndef EXAONE_WPAD
+#define EXAONE_WPAD 16  // floats added to each widened weight row (4 KiB strides share L1 sets)
+#endif
+#ifndef EXAONE_PF_HINT
+#define EXAONE_PF_HINT _MM_HINT_T0
+#endif
+constexpr int64_t kKC = EXAONE_KC;
+constexpr int kB = 4;            // the register block: kB rows of x x kB rows of w
+constexpr int64_t kChunk = 32;   // bf16 values per 512-bit load
+
+inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+inline __mmask32 mask32(int64_t n) { return n >= kChunk ? ~__mmask32(0) : (__mmask32(1) << n) - 1; }
+
+// Lane 4 m + n of the result = the sum of the 16 lanes of a[m][n] (45 shuffles and adds).
+inline __m512 reduce4x4(const __m512 (&a)[kB][kB]) {
+  __m512 v[kB];
+  for (int m = 0; m < kB; ++m) {
+    // per 128-bit lane: t = (n0, n1, n0, n1), u = (n2, n3, n2, n3), then v = (n0, n1, n2, n3)
+    const __m512 t = _mm512_add_ps(_mm512_unpacklo_ps(a[m][0], a[m][1]), _mm512_unpackhi_ps(a[m][0], a[m][1]));
+    const __m512 u = _mm512_add_ps(_mm512_unpacklo_ps(a[m][2], a[m][3]), _mm512_unpackhi_ps(a[m][2], a[m][3]));
+    const __m512d td = _mm512_castps_pd(t), ud = _mm512_castps_pd(u);
+    v[m] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(td, ud)), _mm512_castpd_ps(_mm512_unpackhi_pd(td, ud)));
+  }
+  // then the four 128-bit lanes of each v[m] are summed into lane m
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(v[0], v[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(v[2], v[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// acc[m][n] += w row n . x row m over one 16-wide chunk (Tail: only the lanes in `mask`).
+template <int MB, int NB, bool Tail>
+inline void f32_chunk(__m512 (&acc)[kB][kB], const float* x, int64_t ldx, const float* w, int64_t ldw,
+                      __mmask16 mask) {
+  __m512 wv[NB];
+  for (int n = 0; n < NB; ++n) wv[n] = Tail ? _mm512_maskz_loadu_ps(mask, w + n * ldw) : _mm512_loadu_ps(w + n * ldw);
+  for (int m = 0; m < MB; ++m) {
+    const __m512 xv = Tail ? _mm512_maskz_loadu_ps(mask, x + m * ldx) : _mm512_loadu_ps(x + m * ldx);
+    for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_fmadd_ps(wv[n], xv, acc[m][n]);
+  }
+}
+
+// acc[m][n] += w row n (bf16, widened here) . x row m (fp32, even/odd order) over 32 values.
+template <int MB, int NB>
+inline void bf16_chunk(__m512 (&acc)[kB][kB], const float* x, int64_t ldx, const uint16_t* w, int64_t ldw,
+                       __mmask32 mask) {
+  const __m512i hi = _mm512_set1_epi32(0xffff0000);
+  __m512 we[NB], wo[NB];
+  for (int n = 0; n < NB; ++n) {
+    const __m512i v = _mm512_maskz_loadu_epi16(mask, w + n * ldw);
+    we[n] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    wo[n] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+  }
+  for (int m = 0; m < MB; ++m) {
+    const __m512 xe = _mm512_loadu_ps(x + m * ldx), xo = _mm512_loadu_ps(x + m * ldx + 16);
+    for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_fmadd_ps(wo[n], xo, _mm512_fmadd_ps(we[n], xe, acc[m][n]));
+  }
+}
+
+// The weights to fetch while this block computes: row n's at p + n * ld bytes, `elem` bytes per value of K.
+struct Prefetch {
+  const char* p = nullptr;
+  int64_t ld = 0, elem = 0;
+  template <int NB>
+  inline void at(int64_t k) const {
+    if (p)
+      for (int n = 0; n < NB; ++n) _mm_prefetch(p + n * ld + k * elem, EXAONE_PF_HINT);
+  }
+};
+
+// One register block over kc values of K: MB rows of x (row stride ldx) against NB rows of w
+// (fp32 or bf16, row stride ldw); out[m * ldo + n] = (or += when `add`) the sums.
+template <typename W, int MB, int NB>
+void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t kc, float* out, int64_t ldo, bool add,
+          const Prefetch& pf) {
+  __m512 acc[kB][kB];
+  for (int m = 0; m < kB; ++m)
+    for (int n = 0; n < kB; ++n) acc[m][n] = _mm512_setzero_ps();
+  int64_t k = 0;
+  if constexpr (std::is_same_v<W, float>) {
+    for (; k + 16 <= kc; k += 16) {
+      pf.at<NB>(k);
+      f32_chunk<MB, NB, false>(acc, x + k, ldx, w + k, ldw, 0);
+    }
+    if (k < kc) f32_chunk<MB, NB, true>(acc, x + k, ldx, w + k, ldw, mask16(kc - k));
+  } else {  // x is zero-padded to a multiple of 32; the weight's last chunk is masked
+    for (; k < kc; k += kChunk) {
+      pf.at<NB>(k);
+      bf16_chunk<MB, NB>(acc, x + k, ldx, w + k, ldw, mask32(kc - k));
+    }
+  }
+  alignas(64) float sums[kB * kB];
+  _mm512_store_ps(sums, reduce4x4(acc));
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) out[m * ldo + n] = add ? out[m * ldo + n] + sums[m * kB + n] : sums[m * kB + n];
+}
+
+template <typename W>
+using TileFn = void (*)(const float*, int64_t, const W*, int64_t, int64_t, float*, int64_t, bool, const Prefetch&);
+
+template <typename W, int MB, int... NBs>
+constexpr std::array<TileFn<W>, kB> row_of(std::integer_sequence<int, NBs...>) { return {&tile<W, MB, NBs + 1>...}; }
+
+template <typename W, int... MBs>
+constexpr std::array<std::array<TileFn<W>, kB>, kB> table_of(std::integer_sequence<int, MBs...>) {
+  return {row_of<W, MBs + 1>(std::make_integer_sequence<int, kB>{})...};
+}
+
+// kTiles<W>[mb - 1][nb - 1]: the edge blocks of M and N get their own exact-size tiles.
+template <typename W>
+constexpr auto kTiles = table_of<W>(std::make_integer_sequence<int, kB>{});
+
+// One K slice (kn values) of nb <= 4 weight rows against all M rows of x: out (ldo) = or += the
+// partial sums. The slice stays in L1 for every block of x; the first block also prefetches
+// `pf` (the next slice), so memory streams while the other blocks compute.
+template <typename W>
+void slice(const float* x, int64_t ldx, int64_t M, const W* w, int64_t ldw, int64_t kn, int64_t nb, float* out,
+           int64_t ldo, bool add, const Prefetch& pf) {
+  const Prefetch none;
+  for (int64_t m = 0; m < M; m += kB)
+    kTiles<W>[std::min<int64_t>(kB, M - m) - 1][nb - 1](x + m * ldx, ldx, w, ldw, kn, out + m * ldo, ldo, add,
+                                                         m == 0 ? pf : none);
+}
+
+// The next K slice of rows [n0, n0 + 4) after the one at k0 (or the next 4 rows' first), to prefetch.
+template <typename W>
+Prefetch next_slice(const W* w, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t kc) {
+  Prefetch pf;
+  pf.ld = K * int64_t(sizeof(W)), pf.elem = sizeof(W);
+  if (k0 + kc < K) pf.p = reinterpret_cast<const char*>(w + n0 * K + k0 + kc);
+  else if (n0 + kB < N) pf.p = reinterpret_cast<const char*>(w + (n0 + kB) * K);
+  return pf;
+}
+
+// Threads split N in blocks of 4 weight rows; at least ~256K weights per task, so small matrices
+// don't pay a thread fork for nothing.
+template <typename Fn>
+void for_blocks(int64_t N, int64_t K, Fn fn) {
+  const int64_t blocks = (N + kB - 1) / kB;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (kB * K));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) fn(b * kB, std::min<int64_t>(kB, N - b * kB));
+  });
+}
+
+// Checks the inputs and returns the (M, N) output, with `done` set when there is nothing to
+// compute (empty shapes; K == 0 gives zeros).
+torch::Tensor start(const torch::Tensor& x, const torch::Tensor& w, at::ScalarType dtype, const char* name,
+                    bool& done) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == dtype && w.scalar_type() == dtype, name, ": x and w must be ", dtype, ", got ",
+              x.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, name, ": x must be (M, K) and w (N, K), got ", x.sizes(), " and ",
+              w.sizes());
+  TORCH_CHECK(x.size(1) == w.size(1), name, ": K mismatch, x ", x.sizes(), " w ", w.sizes());
+  TORCH_CHECK(w.is_contiguous(), name, ": w must be contiguous");
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, name, ": x rows must be contiguous (stride(1) == 1)");
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  done = out.numel() == 0 || x.size(1) == 0;
+  return x.size(1) == 0 ? out.zero_() : out;
+}
+
+torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
+  bool done;
+  auto out = start(x, w, at::kFloat, "f32_linear", done);
+  if (done) return out;
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  const int64_t kc = M <= kB ? K : kKC;  // few rows: one pass, each weight row streams in one go
+  for_blocks(N, K, [&](int64_t n0, int64_t nb) {
+    for (int64_t k0 = 0; k0 < K; k0 += kc)
+      slice(xp + k0, ldx, M, wp + n0 * K + k0, K, std::min(kc, K - k0), nb, op + n0, N, k0 > 0,
+            next_slice(wp, N, K, n0, k0, kc));
+  });
+  return out;
+}
+
+// x (M, K) bf16 with row stride ldx -> xp (M, Kp) fp32 with row stride ldp in the even/odd
+// order, zero-padded to Kp.
+void pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, float* xp, int64_t ldp, int64_t Kp) {
+  const __m512i hi = _mm512_set1_epi32(0xffff0000);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < Kp; k += kChunk) {
+      const __m512i v = _mm512_maskz_loadu_epi16(mask32(K - k), x + m * ldx + k);
+      _mm512_storeu_ps(xp + m * ldp + k, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      _mm512_storeu_ps(xp + m * ldp + k + 16, _mm512_castsi512_ps(_mm512_and_si512(v, hi)));
+    }
+  }
+}
+
+// fp32 (rows, n) with row stride lds -> bf16 (rows, n) with row stride ldd, round to nearest even.
+void round_rows(const float* s, int64_t lds, int64_t rows, int64_t n, at::BFloat16* d, int64_t ldd) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t j = 0; j < n; ++j) d[m * ldd + j] = at::BFloat16(s[m * lds + j]);
+}
+
+torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) {
+  bool done;
+  auto out = start(x, w, at::kBFloat16, "bf16_linear", done);
+  if (done) return out;
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t Kp = (K + kChunk - 1) / kChunk * kChunk;
+  // Per calling thread and reused: a fresh buffer of a few MB would page-fault on every call.
+  static thread_local std::vector<float> xbuf;
+  if (xbuf.size() < size_t(M * Kp)) xbuf.resize(M * Kp);
+  float* xp = xbuf.data();
+  pack_x(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.stride(0), M, K, xp, Kp, Kp);
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  auto* op = out.data_ptr<at::BFloat16>();
+  const bool widen_once = M >= EXAONE_WIDEN_ROWS;
+  for_blocks(N, K, [&](int64_t n0, int64_t nb) {
+    static thread_local std::vector<float> sums, wbuf;  // this block's fp32 sums; its widened weight slice
+    if (sums.size() < size_t(M * kB)) sums.resize(M * kB);
+    if (!widen_once) {  // memory-bound: widen in registers, one pass over each weight row
+      slice(xp, Kp, M, wp + n0 * K, K, K, nb, sums.data(), kB, false, next_slice(wp, N, K, n0, 0, K));
+    } else {  // compute-bound: widen a slice of the 4 rows once, then the pure fp32 loop for every row of x
+      const int64_t ldw = kKC + EXAONE_WPAD;
+      if (wbuf.size() < size_t(kB * ldw)) wbuf.resize(kB * ldw);
+      for (int64_t k0 = 0; k0 < Kp; k0 += kKC) {
+        const int64_t kn = std::min(kKC, Kp - k0);
+        pack_x(wp + n0 * K + k0, K, nb, std::min(kn, K - k0), wbuf.data(), ldw, kn);  // x's even/odd order
+        slice(xp + k0, Kp, M, wbuf.data(), ldw, kn, nb, sums.data(), kB, k0 > 0, next_slice(wp, N, K, n0, k0, kKC));
+      }
+    }
+    round_rows(sums.data(), kB, M, nb, op + n0, N);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("f32_linear", &f32_linear, "x (M, K) fp32 @ w (N, K)^T fp32 -> (M, N) fp32");
+  m.def("bf16_linear", &bf16_linear, "x (M, K) bf16 @ w (N, K)^T bf16 -> (M, N) bf16, fp32 accumulation");
+}
