@@ -13,7 +13,8 @@ Speed: one table over the EXAONE-4.0-1.2B shape with random weights, built by
 exaone.commands.bench (same seed for every row, so all rows hold the same weights up to their own
 rounding); --layers shortens it, --tiny swaps in a small shape for tests. Rows: ours float32 /
 bfloat16 / int8 / int4 (group 128; the VNNI kernel with int8 activations; lm_head int8, as
-quantize_model's default; variants: +int4_head, +bf16_head, and -torch = torch's weight-only
+quantize_model's default; variants: +int4_head, +bf16_head, @f32 = a float32 model around the
+int linears (attention, norms and KV cache in float32), and -torch = torch's weight-only
 kernels with bfloat16 activations and a bfloat16 lm_head, what the int rows were before), transformers
 float32 / bfloat16 (the very same tensors), llama.cpp F16 / Q8_0 / Q4_K_M through
 llama-cpp-python: F16 is `exaone export --format gguf` of the bfloat16 weights, Q8_0 and Q4_K_M
@@ -51,6 +52,8 @@ OURS = {  # row -> (base dtype, quantize method, lm_head, backend); None backend
     "float32": (torch.float32, None, False, None), "bfloat16": (torch.bfloat16, None, False, None),
     "int8": (torch.bfloat16, "int8", "int8", None), "int4": (torch.bfloat16, "int4", "int8", None),
     "int4+int4_head": (torch.bfloat16, "int4", "int4", None),
+    # float32 for everything but the quantized linears (norms, attention, KV cache, embedding)
+    "int8@f32": (torch.float32, "int8", "int8", None), "int4@f32": (torch.float32, "int4", "int8", None),
     "int8+bf16_head": (torch.bfloat16, "int8", False, None), "int4+bf16_head": (torch.bfloat16, "int4", False, None),
     # before the VNNI kernel: torch's weight-only kernels, bfloat16 lm_head
     "int8-torch": (torch.bfloat16, "int8", False, "torch"), "int4-torch": (torch.bfloat16, "int4", False, "torch"),

@@ -135,3 +135,19 @@ def test_switch_turns_the_kernel_off(monkeypatch):
     with pytest.raises(RuntimeError, match="unavailable: EXAONE_NO_KERNELS"):
         qgemm.int8_linear(torch.randn(1, 32), *(lambda q, s: (qgemm.pack_int8(q), qgemm.pack_int8_scales(s)))(
             *_int8(16, 32)[:2]), 16)
+
+
+@needs_kernel
+def test_threads_split_the_work_without_changing_a_bit():
+    # Regression: rows were quantized into each worker's own thread-local buffer (a crash at 2 threads).
+    c, scale, zero, _ = _int4(320, 256, 128)
+    w, sz = qgemm.pack_int4(c), qgemm.pack_int4_scales(scale, zero)
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(5))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = qgemm.int4_linear(x, w, sz, 320, 128)
+        torch.set_num_threads(2)
+        assert torch.equal(qgemm.int4_linear(x, w, sz, 320, 128), one)
+    finally:
+        torch.set_num_threads(before)

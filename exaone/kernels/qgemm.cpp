@@ -221,19 +221,18 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torc
   static thread_local std::vector<float> f_buf;
   xq_buf.resize(std::max<size_t>(xq_buf.size(), size_t(M * Kp)));
   f_buf.resize(std::max<size_t>(f_buf.size(), size_t(M * (2 * nb + 1))));
-  Args a{w.data_ptr<uint8_t>(), scales.data_ptr(), xq_buf.data(), f_buf.data(), f_buf.data() + M * nb,
-         f_buf.data() + 2 * M * nb, Kp, block, nb, N};
-  float* xtot = f_buf.data() + 2 * M * nb;
+  // Raw pointers: inside parallel_for the names xq_buf / f_buf would be each worker's own buffers.
+  int8_t* xq = xq_buf.data();
+  float *sx = f_buf.data(), *xsum = sx + M * nb, *xtot = xsum + M * nb;
+  Args a{w.data_ptr<uint8_t>(), scales.data_ptr(), xq, sx, xsum, xtot, Kp, block, nb, N};
   auto quantize = [&](int64_t r0, int64_t r1) {
     for (int64_t m = r0; m < r1; ++m) {
       if (x.scalar_type() == at::kFloat)
-        quantize_row(x.data_ptr<float>() + m * K, K, Kp, block, xq_buf.data() + m * Kp, f_buf.data() + m * nb,
-                     f_buf.data() + M * nb + m * nb);
+        quantize_row(x.data_ptr<float>() + m * K, K, Kp, block, xq + m * Kp, sx + m * nb, xsum + m * nb);
       else
-        quantize_row(x.data_ptr<at::BFloat16>() + m * K, K, Kp, block, xq_buf.data() + m * Kp, f_buf.data() + m * nb,
-                     f_buf.data() + M * nb + m * nb);
+        quantize_row(x.data_ptr<at::BFloat16>() + m * K, K, Kp, block, xq + m * Kp, sx + m * nb, xsum + m * nb);
       float s = 0;
-      for (int64_t b = 0; b < nb; ++b) s += f_buf[M * nb + m * nb + b];
+      for (int64_t b = 0; b < nb; ++b) s += xsum[m * nb + b];
       xtot[m] = s;
     }
   };
