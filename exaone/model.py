@@ -30,7 +30,7 @@ _KERNEL_UPCAST_ROWS = 64
 _KERNEL_MIN_WEIGHTS = 1 << 22
 # fp32: 2.._F32_KERNEL_ROWS-1 rows go to exaone.kernels.f32_linear, which beats MKL's GEMM there
 # (MKL is tuned for one row or many); one row stays on MKL's GEMV.
-_F32_KERNEL_ROWS = 64
+_F32_KERNEL_ROWS = 32
 
 
 class Linear(nn.Linear):

@@ -11,7 +11,7 @@
 //  - More rows (compute-bound): 4 weight rows at a time, cut into K slices (kKC values, 16 KiB
 //    of fp32) that stay in L1 while every row of x passes over them; a bf16 slice is widened to
 //    fp32 once per call, so the inner loop is the same pure fp32 FMA loop for both dtypes.
-//  Both prefetch the next slice while the current one computes, so memory streams throughout.
+//  Meanwhile each block of 4 rows of x prefetches a share of the next slice.
 // Threads split N (at::parallel_for, torch's thread count).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -94,14 +94,16 @@ inline void bf16_chunk(__m512 (&acc)[kB][kB], const float* x, int64_t ldx, const
   }
 }
 
-// The weights to fetch while this block computes: row n's at p + n * ld bytes, `elem` bytes per value of K.
+// The weights to fetch while this block computes: rows first, first + step, ... (< NB) of the
+// next slice, row n's at p + n * ld bytes, `elem` bytes per value of K.
 struct Prefetch {
   const char* p = nullptr;
   int64_t ld = 0, elem = 0;
+  int first = 0, step = 1;
   template <int NB>
   inline void at(int64_t k) const {
     if (p)
-      for (int n = 0; n < NB; ++n) _mm_prefetch(p + n * ld + k * elem, EXAONE_PF_HINT);
+      for (int n = first; n < NB; n += step) _mm_prefetch(p + n * ld + k * elem, EXAONE_PF_HINT);
   }
 };
 
@@ -148,15 +150,17 @@ template <typename W>
 constexpr auto kTiles = table_of<W>(std::make_integer_sequence<int, kB>{});
 
 // One K slice (kn values) of nb <= 4 weight rows against all M rows of x: out (ldo) = or += the
-// partial sums. The slice stays in L1 for every block of x; the first block also prefetches
-// `pf` (the next slice), so memory streams while the other blocks compute.
+// partial sums. The slice stays in L1 for every block of x; meanwhile the blocks prefetch `pf`
+// (the next slice), each a share of its rows, so memory streams evenly while they compute.
 template <typename W>
 void slice(const float* x, int64_t ldx, int64_t M, const W* w, int64_t ldw, int64_t kn, int64_t nb, float* out,
-           int64_t ldo, bool add, const Prefetch& pf) {
-  const Prefetch none;
-  for (int64_t m = 0; m < M; m += kB)
-    kTiles<W>[std::min<int64_t>(kB, M - m) - 1][nb - 1](x + m * ldx, ldx, w, ldw, kn, out + m * ldo, ldo, add,
-                                                         m == 0 ? pf : none);
+           int64_t ldo, bool add, Prefetch pf) {
+  const int blocks = int((M + kB - 1) / kB);
+  pf.step = blocks;
+  for (int64_t m = 0; m < M; m += kB) {
+    pf.first = int(m / kB);
+    kTiles<W>[std::min<int64_t>(kB, M - m) - 1][nb - 1](x + m * ldx, ldx, w, ldw, kn, out + m * ldo, ldo, add, pf);
+  }
 }
 
 // The next K slice of rows [n0, n0 + 4) after the one at k0 (or the next 4 rows' first), to prefetch.
