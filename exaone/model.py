@@ -22,24 +22,24 @@ _SLOW_BF16_GEMM = not (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: F
                        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 _UPCAST_ROWS = 128          # from this many rows an fp32 GEMM on the upcast weight beats oneDNN's bf16
 _UPCAST_CHUNK = 1 << 24     # weight elements upcast at a time (64 MB of fp32): lm_head goes in slices
-# 2.._UPCAST_ROWS-1 bf16 rows go to exaone.kernels.bf16_linear when it is built, except that from
-# _KERNEL_UPCAST_ROWS rows a weight under _KERNEL_MIN_WEIGHTS elements (k/v) is upcast instead:
-# both measured faster (bench/bench_kernels.py, docs/kernels.md). One row stays on torch.mv,
-# which streams from memory faster than the kernel (lm_head: 22.8 vs 19.5 GB/s).
+# 1.._UPCAST_ROWS-1 bf16 rows go to exaone.kernels.bf16_linear when it is built (one row: faster
+# than torch.mv's GEMV, lm_head 25.5 vs 24.4 GB/s), except that from _KERNEL_UPCAST_ROWS rows a
+# weight under _KERNEL_MIN_WEIGHTS elements (k/v) is upcast instead: both measured faster
+# (bench/bench_kernels.py, docs/kernels.md).
 _KERNEL_UPCAST_ROWS = 64
 _KERNEL_MIN_WEIGHTS = 1 << 22
-# fp32: 2.._F32_KERNEL_ROWS-1 rows go to exaone.kernels.f32_linear, which beats MKL's GEMM there
-# (MKL is tuned for one row or many); one row stays on MKL's GEMV.
-_F32_KERNEL_ROWS = 32
+# fp32 rows in _F32_KERNEL_ROWS go to exaone.kernels.f32_linear, which beats MKL's GEMM there (MKL
+# is tuned for one row or many; at 1-2 rows its GEMV is as fast, from 32 rows its GEMM).
+_F32_KERNEL_ROWS = range(3, 32)
 
 
 class Linear(nn.Linear):
     """nn.Linear with faster CPU paths for a few rows of x; otherwise F.linear.
 
-    float32: 2.._F32_KERNEL_ROWS-1 rows (batched decode) through exaone.kernels' AVX-512 GEMM.
-    bfloat16 on CPUs without native bf16 GEMM: one token through torch.mv's bf16 GEMV (about
-    twice oneDNN's speed at batch 1), up to 127 rows through exaone.kernels (bf16 weights widened
-    to fp32 in the kernel), long chunks through an fp32 GEMM on the weight upcast slice by slice.
+    float32: 3..31 rows (batched decode) through exaone.kernels' AVX-512 GEMM.
+    bfloat16 on CPUs without native bf16 GEMM: up to 127 rows through exaone.kernels (bf16
+    weights widened to fp32 in the kernel; torch.mv for one row when it is not built), long
+    chunks through an fp32 GEMM on the weight upcast slice by slice.
     All accumulate in fp32 (and round to bf16 once, as the bf16 GEMM does); only the summation
     order differs. The kernels have no autograd and dynamo cannot trace them: with gradients or
     under torch.compile, torch's paths. See docs/kernels.md.
@@ -52,16 +52,14 @@ class Linear(nn.Linear):
             return F.linear(x, w, self.bias)
         rows = x.numel() // x.shape[-1]
         if x.dtype is torch.float32:
-            if 2 <= rows < _F32_KERNEL_ROWS and self._kernel_ok(w):
+            if rows in _F32_KERNEL_ROWS and self._kernel_ok(w):
                 return kernels.f32_linear(x, w)
             return F.linear(x, w)
         if not (_SLOW_BF16_GEMM and x.dtype is torch.bfloat16):
             return F.linear(x, w)
-        if rows == 1:
-            return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
         if rows < _UPCAST_ROWS:
             if not self._kernel_ok(w):
-                return F.linear(x, w)
+                return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0]) if rows == 1 else F.linear(x, w)
             if rows < _KERNEL_UPCAST_ROWS or w.numel() >= _KERNEL_MIN_WEIGHTS:
                 return kernels.bf16_linear(x, w)
         return self.upcast(x, w)
@@ -84,8 +82,8 @@ class Linear(nn.Linear):
 
 
 def warm_kernels(model: nn.Module) -> bool:
-    """Build exaone.kernels now if the model's Linear layers would use it for batched rows (float32,
-    or bfloat16 on a CPU without native bf16), so that the one-time compile (about a minute)
+    """Build exaone.kernels now if the model's Linear layers would use it (float32 batches, or
+    bfloat16 on a CPU without native bf16), so that the one-time compile (about a minute)
     happens at load and not in the first batched decode step. True when the kernel is ready."""
     p = next(model.parameters(), None)
     if p is None or p.device.type != "cpu" or not (
