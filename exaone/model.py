@@ -31,6 +31,9 @@ _KERNEL_MIN_WEIGHTS = 1 << 22
 # fp32 rows in _F32_KERNEL_ROWS go to exaone.kernels.f32_linear, which beats MKL's GEMM there (MKL
 # is tuned for one row or many; at 1-2 rows its GEMV is as fast, from 32 rows its GEMM).
 _F32_KERNEL_ROWS = range(3, 32)
+# Weights under this many elements keep torch's paths: a call costs microseconds either way, and a
+# model made only of them (the demo model: 192 x 192) should not pay the kernel's one-time build.
+_KERNEL_MIN_ELEMENTS = 1 << 20
 
 
 class Linear(nn.Linear):
@@ -66,7 +69,8 @@ class Linear(nn.Linear):
 
     @staticmethod
     def _kernel_ok(w: torch.Tensor) -> bool:
-        return not torch.compiler.is_compiling() and w.is_contiguous() and kernels.available()
+        return (w.numel() >= _KERNEL_MIN_ELEMENTS and not torch.compiler.is_compiling() and w.is_contiguous()
+                and kernels.available())
 
     @staticmethod
     def upcast(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -84,10 +88,13 @@ class Linear(nn.Linear):
 def warm_kernels(model: nn.Module) -> bool:
     """Build exaone.kernels now if the model's Linear layers would use it (float32 batches, or
     bfloat16 on a CPU without native bf16), so that the one-time compile (about a minute)
-    happens at load and not in the first batched decode step. True when the kernel is ready."""
+    happens at load and not in the first batched decode step. True when the kernel is ready; False
+    without building when no Linear is large enough to use it."""
     p = next(model.parameters(), None)
     if p is None or p.device.type != "cpu" or not (
             p.dtype is torch.float32 or (_SLOW_BF16_GEMM and p.dtype is torch.bfloat16)):
+        return False
+    if not any(isinstance(m, Linear) and m.weight.numel() >= _KERNEL_MIN_ELEMENTS for m in model.modules()):
         return False
     return kernels.available()
 

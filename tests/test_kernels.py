@@ -24,6 +24,7 @@ needs_avx512 = pytest.mark.skipif(
 def kern(monkeypatch):
     """The built kernel module; EXAONE_NO_KERNELS from the environment does not apply here."""
     monkeypatch.delenv("EXAONE_NO_KERNELS", raising=False)
+    monkeypatch.setattr(model, "_KERNEL_MIN_ELEMENTS", 0)  # route the small test matrices too
     if kernels.GEMM.tried and kernels.GEMM.module is None:
         monkeypatch.setattr(kernels.GEMM, "tried", False)
     assert kernels.available(), kernels.disabled_reason()
@@ -322,6 +323,9 @@ def test_engine_builds_the_kernel_at_construction_for_batched_bf16(monkeypatch):
     monkeypatch.setattr(model.kernels, "available", lambda: calls.append(1) or True)
     fp32 = model.Exaone4ForCausalLM(tiny_config())
     init_random_(fp32)
+    Engine(fp32, max_batch=4)  # every weight is too small for the kernel: nothing to build
+    assert calls == []
+    monkeypatch.setattr(model, "_KERNEL_MIN_ELEMENTS", 0)
     Engine(fp32, max_batch=1)  # the engine asks only when it can batch
     assert calls == []
     Engine(fp32, max_batch=4)
@@ -331,3 +335,18 @@ def test_engine_builds_the_kernel_at_construction_for_batched_bf16(monkeypatch):
     assert calls == [1]
     Engine(bf16, max_batch=4)
     assert calls == [1, 1]
+
+
+def test_small_weights_keep_torch_paths(monkeypatch):
+    """Matrices under _KERNEL_MIN_ELEMENTS never ask for the kernel (so the demo model never builds it)."""
+    monkeypatch.setattr(model.kernels, "available", lambda: pytest.fail("asked for the kernel"))
+    monkeypatch.setattr(model, "_SLOW_BF16_GEMM", True)
+    lin = model.Linear(192, 512, bias=False)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            lin = lin.to(dtype)
+            for rows in (1, 4, 16):
+                x = torch.randn(rows, 192).to(dtype)
+                out = lin(x)
+                ref = torch.mv(lin.weight, x[0])[None] if rows == 1 and dtype is torch.bfloat16 else F.linear(x, lin.weight)
+                assert torch.equal(out, ref)
