@@ -226,4 +226,13 @@ def test_export_command_writes_a_runnable_directory(tmp_path):
     assert (tmp_path / "q" / "tokenizer.json").is_file()
     m = exaone.load(tmp_path / "q")
     assert m.quantization_config["quant_method"] == "exaone-int4"
+    assert m.quantization_config["lm_head"] == "int8"  # the default, as exaone.load(quantize=...) makes it
     assert exaone.load_tokenizer(tmp_path / "q").encode("hi")
+    for fmt, flag, head in (("int4", "none", False), ("int8", "same", "int8")):
+        out = tmp_path / f"q_{flag}"
+        assert main(["export", "--format", fmt, "--model", str(tmp_path / "float"), "--out", str(out),
+                     "--group-size", "32", "--lm-head", flag]) == 0
+        assert exaone.load(out).quantization_config["lm_head"] == head
+    # int4 needs a vocabulary divisible by 16 (this one is 1105): a clear error, exit 2
+    assert main(["export", "--format", "int4", "--model", str(tmp_path / "float"), "--out", str(tmp_path / "x"),
+                 "--lm-head", "int4"]) == 2

@@ -14,7 +14,12 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true",
                    help="gguf: write a hybrid model llama.cpp would run without sliding windows (see docs/quantization.md)")
     p.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale (32, 64, 128, 256)")
-    p.add_argument("--lm-head", action="store_true", help="int8/int4: quantize lm_head too")
+    p.add_argument("--lm-head", default="int8", choices=["int8", "int4", "same", "none"],
+                   help="int8/int4: how lm_head is stored: int8 (default, as exaone.load(quantize=...)), int4, "
+                        "same (the body's method) or none (float)")
+
+
+_LM_HEAD = {"int8": "int8", "int4": "int4", "same": True, "none": False}  # --lm-head -> quantize_model(lm_head=)
 
 
 def run(args) -> int:
@@ -27,7 +32,7 @@ def run(args) -> int:
     from ..loader import load
     from ..quant import quantize_model, save_quantized, weight_bytes
 
-    model = quantize_model(load(args.model), args.format, group_size=args.group_size, lm_head=args.lm_head)
+    model = quantize_model(load(args.model), args.format, group_size=args.group_size, lm_head=_LM_HEAD[args.lm_head])
     path = save_quantized(model, args.out)
     import shutil
     from pathlib import Path
