@@ -13,13 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .cache import KVCache, sdpa
+from .cache import SLOW_BF16, KVCache, sdpa
 from .config import Exaone4Config, llama3_inv_freq
 
 
 # CPUs without bf16 dot-product instructions (no avx512_bf16 / AMX) run oneDNN's bf16 GEMM slowly.
-_SLOW_BF16_GEMM = not (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                       or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+_SLOW_BF16_GEMM = SLOW_BF16
 _UPCAST_ROWS = 128          # from this many rows an fp32 GEMM on the upcast weight beats oneDNN's bf16
 _UPCAST_CHUNK = 1 << 24     # weight elements upcast at a time (64 MB of fp32): lm_head goes in slices
 # 1.._UPCAST_ROWS-1 bf16 rows go to exaone.kernels.bf16_linear when it is built (one row: faster

@@ -223,9 +223,6 @@ class QuantLinear(nn.Module):
             return {"qweight": (n, k), "scales": (n,)}
         return {"qweight": (n, k // 2), "scales_and_zeros": (k // self.group_size, n, 2)}
 
-    def portable_qweight(self) -> torch.Tensor:
-        return self.portable_state()["qweight"]
-
     def dequantize(self) -> torch.Tensor:
         """The float32 weight this module represents (reference path and tests)."""
         if self.method == "int8":
