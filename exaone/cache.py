@@ -167,23 +167,42 @@ def _write(K, V, rows: slice, slots, k, v, row_index: torch.Tensor | None = None
     V[r, :, slots] = v.transpose(1, 2)
 
 
-# CPUs without bf16 dot-product instructions (no avx512_bf16 / AMX) run bf16 GEMMs and attention slowly.
+# CPUs without bf16 dot-product instructions (no avx512_bf16 / AMX) run bf16 GEMMs slowly.
 SLOW_BF16 = not (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
                  or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-_FP32_ATTENTION_QUERIES = 8  # decode and speculative verification; prefill chunks keep bf16
+_FEW_QUERIES = 8  # decode and speculative verification; prefill chunks keep the fused kernel
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Grouped-query attention with a boolean mask (True = attend; None = every key).
 
-    `enable_gqa` lets the kernel index kv head h // rep instead of materialising repeat_interleave
-    copies of k and v for every layer and step; the result is bit-identical. A few bf16 queries on
-    a CPU without bf16 instructions are computed in fp32 (k and v upcast): 2.5-4x faster for one
-    query over 40-512 keys, more accurate, and still faster at 4096 keys (docs/kernels.md)."""
-    if q.dtype is torch.bfloat16 and SLOW_BF16 and q.device.type == "cpu" and q.shape[-2] <= _FP32_ATTENTION_QUERIES:
-        return sdpa(q.float(), k.float(), v.float(), mask).to(q.dtype)
+    Up to `_FEW_QUERIES` queries per row on a CPU (decode, speculative verification) go through
+    `matmul_attention`; torch's fused CPU kernel costs 2-23x more there (docs/kernels.md).
+    Otherwise `enable_gqa` lets the fused kernel index kv head h // rep instead of materialising
+    repeat_interleave copies of k and v; the result is bit-identical."""
+    if q.device.type == "cpu" and q.shape[-2] <= _FEW_QUERIES:
+        return matmul_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=q.shape[-1] ** -0.5,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v as two batched GEMMs, the way transformers' eager attention
+    computes it (scores in the input dtype, softmax in fp32). The `rep` query heads that share a
+    kv head are stacked as rows of one GEMM against that head's keys: no copy of k or v. On a CPU
+    without bf16 instructions, bf16 inputs are computed in fp32 (bf16 GEMMs are slow there).
+    q (B, H, C, D), k/v (B, KVH, L, D), mask broadcastable to (B, 1, C, L) -> (B, H, C, D)."""
+    dtype = q.dtype
+    if dtype is torch.bfloat16 and SLOW_BF16:
+        q, k, v = q.float(), k.float(), v.float()
+    B, H, C, D = q.shape
+    KVH, L = k.shape[1], k.shape[2]
+    rep = H // KVH
+    scores = torch.matmul(q.reshape(B, KVH, rep * C, D), k.transpose(-1, -2)).float().mul_(D ** -0.5)
+    if mask is not None:  # rows are (head in group, query): the mask repeats over the group
+        scores = scores.view(B, KVH, rep, C, L).masked_fill(~mask[:, :, None], float("-inf")).view(B, KVH, rep * C, L)
+    probs = scores.softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).view(B, H, C, D).to(dtype)
 
 
 def cache_bytes(config: Exaone4Config, tokens: int, dtype: torch.dtype = torch.bfloat16, block: int = 256) -> dict:

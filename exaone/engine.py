@@ -126,8 +126,7 @@ class Engine:
         if bad:
             raise ValueError(f"end-of-thinking ids must be in [0, {cfg.vocab_size}), got {bad}")
         self.cache = model.make_cache(rows=max_batch, max_len=self.max_len)
-        if max_batch > 1:  # batched bf16 decode uses exaone.kernels: build it now, not mid-request
-            warm_kernels(model)
+        warm_kernels(model)  # decode uses exaone.kernels: build it now, not mid-request
         self.prefix_cache = (PrefixCache(self.cache, prefix_cache_bytes, prefix_block_size)
                              if prefix_cache_bytes > 0 else None)
         self.device = model.device

@@ -27,9 +27,16 @@ _UPCAST_CHUNK = 1 << 24     # weight elements upcast at a time (64 MB of fp32): 
 # (bench/bench_kernels.py, docs/kernels.md).
 _KERNEL_UPCAST_ROWS = 64
 _KERNEL_MIN_WEIGHTS = 1 << 22
-# fp32 rows in _F32_KERNEL_ROWS go to exaone.kernels.f32_linear, which beats MKL's GEMM there (MKL
-# is tuned for one row or many; at 1-2 rows its GEMV is as fast, from 32 rows its GEMM).
-_F32_KERNEL_ROWS = range(3, 32)
+# fp32 rows up to _F32_KERNEL_ROWS go to exaone.kernels.f32_linear, which beats MKL's GEMM there (MKL
+# is tuned for one row or many: on Intel its 1-2 row GEMV is as fast, from 32 rows its GEMM; on AMD
+# Zen 5 our kernel streams a single row at 2.6x MKL's speed).
+_F32_KERNEL_ROWS = 31
+# bf16 on CPUs with native bf16 (avx512_bf16 / AMX): oneDNN's GEMM wins from a few rows, the
+# kernel's memory-bound loop up to _NATIVE_BF16_KERNEL_ROWS (1.5-2x at one row), and for lm_head-sized
+# weights (>= _BIG_WEIGHT elements) up to _NATIVE_BF16_BIG_ROWS.
+_NATIVE_BF16_KERNEL_ROWS = 2
+_NATIVE_BF16_BIG_ROWS = 8
+_BIG_WEIGHT = 1 << 24
 # Weights under this many elements keep torch's paths: a call costs microseconds either way, and a
 # model made only of them (the demo model: 192 x 192) should not pay the kernel's one-time build.
 _KERNEL_MIN_ELEMENTS = 1 << 20
@@ -38,10 +45,11 @@ _KERNEL_MIN_ELEMENTS = 1 << 20
 class Linear(nn.Linear):
     """nn.Linear with faster CPU paths for a few rows of x; otherwise F.linear.
 
-    float32: 3..31 rows (batched decode) through exaone.kernels' AVX-512 GEMM.
-    bfloat16 on CPUs without native bf16 GEMM: up to 127 rows through exaone.kernels (bf16
-    weights widened to fp32 in the kernel; torch.mv for one row when it is not built), long
-    chunks through an fp32 GEMM on the weight upcast slice by slice.
+    float32: 1..31 rows (decode) through exaone.kernels' AVX-512 GEMM.
+    bfloat16: on CPUs with native bf16 GEMM, 1-2 rows (lm_head: up to 8) through exaone.kernels;
+    without it, up to 127 rows through exaone.kernels (bf16 weights widened to fp32 in the kernel;
+    torch.mv for one row when it is not built), long chunks through an fp32 GEMM on the weight
+    upcast slice by slice.
     All accumulate in fp32 (and round to bf16 once, as the bf16 GEMM does); only the summation
     order differs. The kernels have no autograd and dynamo cannot trace them: with gradients or
     under torch.compile, torch's paths. See docs/kernels.md.
@@ -54,10 +62,15 @@ class Linear(nn.Linear):
             return F.linear(x, w, self.bias)
         rows = x.numel() // x.shape[-1]
         if x.dtype is torch.float32:
-            if rows in _F32_KERNEL_ROWS and self._kernel_ok(w):
+            if rows <= _F32_KERNEL_ROWS and self._kernel_ok(w):
                 return kernels.f32_linear(x, w)
             return F.linear(x, w)
-        if not (_SLOW_BF16_GEMM and x.dtype is torch.bfloat16):
+        if x.dtype is not torch.bfloat16:
+            return F.linear(x, w)
+        if not _SLOW_BF16_GEMM:
+            if (rows <= _NATIVE_BF16_KERNEL_ROWS or (rows <= _NATIVE_BF16_BIG_ROWS and w.numel() >= _BIG_WEIGHT)) \
+                    and self._kernel_ok(w):
+                return kernels.bf16_linear(x, w)
             return F.linear(x, w)
         if rows < _UPCAST_ROWS:
             if not self._kernel_ok(w):
@@ -85,13 +98,12 @@ class Linear(nn.Linear):
 
 
 def warm_kernels(model: nn.Module) -> bool:
-    """Build exaone.kernels now if the model's Linear layers would use it (float32 batches, or
-    bfloat16 on a CPU without native bf16), so that the one-time compile (about a minute)
-    happens at load and not in the first batched decode step. True when the kernel is ready; False
+    """Build exaone.kernels now if the model's Linear layers would use it (float32 or bfloat16
+    decode), so that the one-time compile (about a minute) happens at load and not in the first
+    decode step. True when the kernel is ready; False
     without building when no Linear is large enough to use it."""
     p = next(model.parameters(), None)
-    if p is None or p.device.type != "cpu" or not (
-            p.dtype is torch.float32 or (_SLOW_BF16_GEMM and p.dtype is torch.bfloat16)):
+    if p is None or p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16):
         return False
     if not any(isinstance(m, Linear) and m.weight.numel() >= _KERNEL_MIN_ELEMENTS for m in model.modules()):
         return False

@@ -38,23 +38,29 @@ def test_batched_decode_equals_full_forward(hybrid, lengths, single_thread):
         assert cache.k[0][0].abs().sum() == 0  # the row outside the batch was never written
 
 
-@pytest.mark.parametrize("queries", [1, 3, 40])
-def test_sdpa_runs_few_bf16_queries_in_fp32_on_cpus_without_bf16(queries):
-    """Decode-sized bf16 attention goes through fp32 where bf16 is slow (and is then at least as
-    accurate); prefill-sized attention and CPUs with bf16 instructions keep bf16 SDPA."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries,mask_rows", [(1, 2), (3, 1), (8, 2), (8, None), (40, 2)])
+def test_sdpa_few_queries_go_through_matmul_attention(dtype, queries, mask_rows):
+    """Decode-sized attention (<= 8 queries) is two GEMMs with the query heads of a kv group
+    stacked; it matches the fused kernel in fp32 and is at least as accurate in bf16. Prefill-sized
+    attention keeps the fused kernel, bit for bit."""
     import torch.nn.functional as F
 
     from exaone import cache
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, h, n, 16, generator=g).bfloat16() for h, n in ((4, queries), (2, 50), (2, 50)))
-    mask = torch.rand(2, 1, queries, 50, generator=g) > 0.3
-    mask[..., 0] = True
+    q, k, v = (torch.randn(2, h, n, 16, generator=g).to(dtype) for h, n in ((4, queries), (2, 50), (2, 50)))
+    mask = None
+    if mask_rows:
+        mask = torch.rand(mask_rows, 1, queries, 50, generator=g) > 0.3
+        mask[..., 0] = True
     out = cache.sdpa(q, k, v, mask)
-    fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.25, enable_gqa=True)
-    bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
-    assert out.dtype is torch.bfloat16
-    if cache.SLOW_BF16 and queries <= cache._FP32_ATTENTION_QUERIES:
-        assert torch.equal(out, fp32.bfloat16())
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=0.25,
+                                         enable_gqa=True)
+    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    assert out.dtype is dtype and out.shape == q.shape
+    if queries > cache._FEW_QUERIES:
+        assert torch.equal(out, fused)
+    elif dtype is torch.float32:
+        torch.testing.assert_close(out, fused, rtol=1e-5, atol=1e-5)
     else:
-        assert torch.equal(out, bf16)
-    assert (out.float() - fp32).abs().max() <= (bf16.float() - fp32).abs().max() + 1e-2
+        assert (out.double() - ref).abs().max() <= (fused.double() - ref).abs().max() + 1e-2

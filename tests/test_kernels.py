@@ -213,7 +213,7 @@ def test_linear_routes_f32_rows(kern, rows):
     x = torch.randn(1, rows, 96, generator=gen)
     with torch.no_grad():
         out = lin(x)
-        if rows in model._F32_KERNEL_ROWS:
+        if rows <= model._F32_KERNEL_ROWS:
             assert torch.equal(out, kern.f32_linear(x, lin.weight))
         else:
             assert torch.equal(out, F.linear(x, lin.weight))
@@ -226,21 +226,32 @@ def test_linear_routes_f32_rows(kern, rows):
 
 
 @needs_avx512
+@pytest.mark.parametrize("slow_bf16", [True, False])
 @pytest.mark.parametrize("n,k", [(40, 96), (2048, 2048)])  # under / at model._KERNEL_MIN_WEIGHTS
-@pytest.mark.parametrize("rows", [1, 2, 16, 63, 64, 127, 128, 200])
-def test_linear_routes_bf16_rows(kern, rows, n, k):
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 63, 64, 127, 128, 200])
+def test_linear_routes_bf16_rows(kern, monkeypatch, slow_bf16, rows, n, k):
+    """Without native bf16 (slow_bf16) the kernel takes up to 127 rows, an upcast GEMM the rest;
+    with it, oneDNN's GEMM takes all but 1-2 rows (up to 8 for lm_head-sized weights)."""
+    monkeypatch.setattr(model, "_SLOW_BF16_GEMM", slow_bf16)
+    monkeypatch.setattr(model, "_BIG_WEIGHT", 2048 * 2048)
     gen = torch.Generator().manual_seed(rows)
     lin = model.Linear(k, n, bias=False).to(torch.bfloat16)
     x = torch.randn(1, rows, k, generator=gen).bfloat16()
     w = lin.weight
-    kernel_rows = rows < model._UPCAST_ROWS and (
-        rows < model._KERNEL_UPCAST_ROWS or w.numel() >= model._KERNEL_MIN_WEIGHTS)
+    if slow_bf16:
+        kernel_rows = rows < model._UPCAST_ROWS and (
+            rows < model._KERNEL_UPCAST_ROWS or w.numel() >= model._KERNEL_MIN_WEIGHTS)
+    else:
+        kernel_rows = rows <= (model._NATIVE_BF16_BIG_ROWS if w.numel() >= model._BIG_WEIGHT
+                               else model._NATIVE_BF16_KERNEL_ROWS)
     with torch.no_grad():
         out = lin(x)
-        if model._SLOW_BF16_GEMM and kernel_rows:
+        if kernel_rows:
             assert torch.equal(out, kern.bf16_linear(x, w))
-        elif model._SLOW_BF16_GEMM:
+        elif slow_bf16:
             assert torch.equal(out, model.Linear.upcast(x, w))
+        else:
+            assert torch.equal(out, F.linear(x, w))
         _check(out.view(rows, n), x.view(rows, k), w)
 
 
@@ -313,27 +324,24 @@ def test_stale_build_lock_is_cleared(monkeypatch, tmp_path):
     kernels.clear_stale_lock("never-built")  # no lock: nothing to do
 
 
-def test_engine_builds_the_kernel_at_construction_for_batched_bf16(monkeypatch):
-    """An engine that can batch asks for the kernel when it is built, not in its first step."""
+def test_engine_builds_the_kernel_at_construction(monkeypatch):
+    """An engine asks for the kernel when it is built, not in its first step, and only when a
+    weight is large enough to use it."""
     from exaone.engine import Engine
     from exaone.testing import init_random_, tiny_config
 
     calls = []
-    monkeypatch.setattr(model, "_SLOW_BF16_GEMM", True)
     monkeypatch.setattr(model.kernels, "available", lambda: calls.append(1) or True)
     fp32 = model.Exaone4ForCausalLM(tiny_config())
     init_random_(fp32)
     Engine(fp32, max_batch=4)  # every weight is too small for the kernel: nothing to build
     assert calls == []
     monkeypatch.setattr(model, "_KERNEL_MIN_ELEMENTS", 0)
-    Engine(fp32, max_batch=1)  # the engine asks only when it can batch
-    assert calls == []
-    Engine(fp32, max_batch=4)
+    Engine(fp32, max_batch=1)
     assert calls == [1]
-    bf16 = fp32.to(torch.bfloat16)
-    Engine(bf16, max_batch=1)
-    assert calls == [1]
-    Engine(bf16, max_batch=4)
+    Engine(fp32.to(torch.bfloat16), max_batch=4)
+    assert calls == [1, 1]
+    Engine(fp32.to(torch.float16), max_batch=4)  # no kernel for float16
     assert calls == [1, 1]
 
 
