@@ -96,11 +96,15 @@ class KVCache:
         if self.window is not None and any(self.sliding):
             # Chunked prefill attends to [ring ; chunk] before writing, so the chunk never
             # overwrites keys its own earlier queries still need.
+            # Only ring slots that can hold a position before the chunk take part: a fresh
+            # prompt (p0 = 0) attends to the chunk alone, not to `window` empty slots.
             W = self.window
             p0 = pos[:, :1]
-            j = torch.arange(W, device=self.device)[None, :]
-            ring_pos = p0 - 1 - torch.remainder(p0 - 1 - j, W)  # (B, W); < 0 means empty
-            key_pos = torch.cat([ring_pos, pos], dim=1)  # (B, W + C)
+            n_ring = min(W, int(p0.max()))
+            step["ring_len"] = n_ring
+            j = torch.arange(n_ring, device=self.device)[None, :]
+            ring_pos = p0 - 1 - torch.remainder(p0 - 1 - j, W)  # (B, n_ring); < 0 means empty
+            key_pos = torch.cat([ring_pos, pos], dim=1)  # (B, n_ring + C)
             valid = (key_pos >= 0)[:, None, :]
             q = pos[:, :, None]
             kp = key_pos[:, None, :]
@@ -140,8 +144,9 @@ class KVCache:
             n = min(self.window, L)
             keys, vals, mask = K[rows, :, :n], V[rows, :, :n], st["mask_sliding"]
         else:
-            keys = torch.cat([K[rows], k], dim=2)
-            vals = torch.cat([V[rows], v], dim=2)
+            n_ring = st["ring_len"]
+            keys = torch.cat([K[rows, :, :n_ring], k], dim=2)
+            vals = torch.cat([V[rows, :, :n_ring], v], dim=2)
             mask = st["mask_sliding"]
             keep = min(C, self.window)  # only the newest `window` tokens survive in the ring
             _write(K, V, rows, st["slot_sliding"][:, -keep:], k[:, :, -keep:], v[:, :, -keep:])

@@ -42,10 +42,27 @@ _BIG_WEIGHT = 1 << 24
 _KERNEL_MIN_ELEMENTS = 1 << 20
 
 
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+# From _F32_KERNEL_ROWS + 1 rows (prefill), fp32 goes to MKL's GEMM on Intel CPUs and to oneDNN's
+# elsewhere: MKL takes a slower path on other vendors' CPUs (AMD Zen 5, 2 threads: 160-190 against
+# 330-420 GFLOP/s from 128 rows; docs/kernels.md). oneDNN builds a primitive per new shape (~1 ms),
+# so weights under _KERNEL_MIN_ELEMENTS stay on MKL.
+_ONEDNN_F32 = (_cpu_vendor() not in ("", "GenuineIntel") and torch.backends.mkldnn.is_available()
+               and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 class Linear(nn.Linear):
     """nn.Linear with faster CPU paths for a few rows of x; otherwise F.linear.
 
-    float32: 1..31 rows (decode) through exaone.kernels' AVX-512 GEMM.
+    float32: 1..31 rows (decode) through exaone.kernels' AVX-512 GEMM; more rows through MKL's
+    GEMM on Intel CPUs, oneDNN's on others.
     bfloat16: on CPUs with native bf16 GEMM, 1-2 rows (lm_head: up to 8) through exaone.kernels;
     without it, up to 127 rows through exaone.kernels (bf16 weights widened to fp32 in the kernel;
     torch.mv for one row when it is not built), long chunks through an fp32 GEMM on the weight
@@ -63,20 +80,23 @@ class Linear(nn.Linear):
         rows = x.numel() // x.shape[-1]
         if x.dtype is torch.float32:
             if rows <= _F32_KERNEL_ROWS and self._kernel_ok(w):
-                return kernels.f32_linear(x, w)
+                return _kernel(kernels.GEMM.module.f32_linear, x, w)
+            if _ONEDNN_F32 and w.numel() >= _KERNEL_MIN_ELEMENTS and x.is_contiguous() and \
+                    not torch.compiler.is_compiling():
+                return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
             return F.linear(x, w)
         if x.dtype is not torch.bfloat16:
             return F.linear(x, w)
         if not _SLOW_BF16_GEMM:
             if (rows <= _NATIVE_BF16_KERNEL_ROWS or (rows <= _NATIVE_BF16_BIG_ROWS and w.numel() >= _BIG_WEIGHT)) \
                     and self._kernel_ok(w):
-                return kernels.bf16_linear(x, w)
+                return _kernel(kernels.GEMM.module.bf16_linear, x, w)
             return F.linear(x, w)
         if rows < _UPCAST_ROWS:
             if not self._kernel_ok(w):
                 return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0]) if rows == 1 else F.linear(x, w)
             if rows < _KERNEL_UPCAST_ROWS or w.numel() >= _KERNEL_MIN_WEIGHTS:
-                return kernels.bf16_linear(x, w)
+                return _kernel(kernels.GEMM.module.bf16_linear, x, w)
         return self.upcast(x, w)
 
     @staticmethod
@@ -95,6 +115,15 @@ class Linear(nn.Linear):
         for s in range(0, w.shape[0], step):
             out[..., s:s + step] = F.linear(xf, w[s:s + step].float())
         return out
+
+
+def _kernel(fn, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A GEMM of exaone.kernels' built module on x (..., K) without the public wrapper's checks
+    (`Linear` made them): microseconds a call, 7 calls a layer, every step."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return fn(x2, w).view(*x.shape[:-1], w.shape[0])
 
 
 def warm_kernels(model: nn.Module) -> bool:
@@ -116,13 +145,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is torch.float32:  # the same ops without two no-op casts (4 norms a layer, every step)
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-        # Normalise in float32, scale in the input dtype: the reference's rounding, bit for bit.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x), or residual + norm(x) (the post-norm block's add, fused where it can be)."""
+        if kernels.GEMM.module is not None and self._fused_ok(x, residual):
+            # One C++ call instead of 7-9 small ops (four norms a layer, every step); same rounding.
+            return kernels.GEMM.module.rms_norm(x, self.weight, self.eps, residual)
+        if x.dtype is torch.float32:  # the same ops without two no-op casts
+            out = self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        else:  # normalise in float32, scale in the input dtype: the reference's rounding, bit for bit
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            out = self.weight * h.to(x.dtype)
+        return out if residual is None else residual + out
+
+    def _fused_ok(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """The kernel (built by whoever needed it first; a norm never builds it) has no autograd,
+        and dynamo cannot trace it."""
+        w = self.weight
+        return (x.device.type == "cpu" and x.dtype is w.dtype and x.dtype in (torch.float32, torch.bfloat16)
+                and x.is_contiguous() and (residual is None or (residual.dtype is x.dtype and residual.is_contiguous()))
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                and not torch.compiler.is_compiling())
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
@@ -191,8 +234,8 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache))
-        return x + self.post_feedforward_layernorm(self.mlp(x))
+        x = self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache), residual=x)
+        return self.post_feedforward_layernorm(self.mlp(x), residual=x)
 
 
 class Exaone4Model(nn.Module):

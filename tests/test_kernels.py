@@ -358,3 +358,87 @@ def test_small_weights_keep_torch_paths(monkeypatch):
                 out = lin(x)
                 ref = torch.mv(lin.weight, x[0])[None] if rows == 1 and dtype is torch.bfloat16 else F.linear(x, lin.weight)
                 assert torch.equal(out, ref)
+
+
+def _torch_norm(norm: model.RMSNorm, x, residual=None):
+    """RMSNorm's torch path (the reference's ops), whatever is built."""
+    module, kernels.GEMM.module = kernels.GEMM.module, None
+    try:
+        return norm(x, residual=residual)
+    finally:
+        kernels.GEMM.module = module
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (2, 3, 8, 64), (5, 100), (1, 7)])
+def test_rms_norm_kernel_matches_the_torch_ops(kern, dtype, shape):
+    """The fused norm (+ residual add) rounds as the torch ops do: bf16 identical here, fp32
+    within the reordering of the sum of squares."""
+    gen = torch.Generator().manual_seed(shape[-1])
+    norm = model.RMSNorm(shape[-1], 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=gen))
+        x = (3 * torch.randn(*shape, generator=gen)).to(dtype)
+        res = torch.randn(*shape, generator=gen).to(dtype)
+        for r in (None, res):
+            got = norm(x, residual=r)
+            assert torch.equal(got, kern.GEMM.module.rms_norm(x, norm.weight, 1e-5, r))  # the route
+            want = _torch_norm(norm, x, r)
+            assert got.dtype is dtype and got.shape == x.shape
+            if dtype is torch.bfloat16:
+                assert _ulps(got, want).max() <= 1 and (_ulps(got, want) == 0).float().mean() >= 0.99
+            else:
+                torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    # Gradients (training) and non-contiguous inputs keep the torch ops.
+    xg = x.float().requires_grad_() if dtype is torch.float32 else None
+    if xg is not None:
+        out = norm(xg)
+        assert out.requires_grad and torch.equal(out, _torch_norm(norm, xg))
+    xs = torch.zeros(*shape[:-1], 2 * shape[-1], dtype=dtype)[..., ::2]
+    xs.copy_(x)
+    assert not xs.is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(norm(xs), _torch_norm(norm, xs))
+
+
+@needs_avx512
+def test_rms_norm_kernel_refuses_bad_input(kern):
+    f = kern.GEMM.module.rms_norm
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        f(torch.ones(2, 4).double(), torch.ones(4).double(), 1e-5, None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        f(torch.ones(4, 2).T, torch.ones(4), 1e-5, None)
+    with pytest.raises(RuntimeError, match="residual"):
+        f(torch.ones(2, 4), torch.ones(4), 1e-5, torch.ones(3, 4))
+
+
+def test_norms_never_build_the_kernel(monkeypatch):
+    """A norm uses the kernel only once something else built it (a small model never builds it)."""
+    monkeypatch.setattr(kernels.GEMM, "module", None)
+    monkeypatch.setattr(kernels.GEMM, "available", lambda *a: pytest.fail("a norm asked for the build"))
+    norm = model.RMSNorm(8, 1e-5)
+    with torch.no_grad():
+        x = torch.randn(3, 8)
+        assert torch.equal(norm(x), norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)))
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_linear_routes_f32_prefill_rows(monkeypatch, onednn):
+    """From 32 rows fp32 goes to oneDNN's GEMM where MKL is slow (non-Intel CPUs), else MKL's;
+    small weights stay on MKL (oneDNN builds a primitive per shape)."""
+    if onednn and not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(model, "_ONEDNN_F32", onednn)
+    monkeypatch.setattr(model, "_KERNEL_MIN_ELEMENTS", 1 << 12)
+    gen = torch.Generator().manual_seed(0)
+    for n, k in ((64, 128), (16, 64)):  # at / under _KERNEL_MIN_ELEMENTS
+        lin = model.Linear(k, n, bias=False)
+        x = torch.randn(2, 40, k, generator=gen)
+        with torch.no_grad():
+            out = lin(x)
+            if onednn and n * k >= model._KERNEL_MIN_ELEMENTS:
+                assert torch.equal(out, torch.ops.mkldnn._linear_pointwise(x, lin.weight, None, "none", [], ""))
+            else:
+                assert torch.equal(out, F.linear(x, lin.weight))
+            torch.testing.assert_close(out, F.linear(x.double(), lin.weight.double()).float(), rtol=1e-5, atol=1e-5)

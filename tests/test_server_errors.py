@@ -5,6 +5,7 @@ mistake is never a 500), plus auth, rate limits, metrics, and a client that goes
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -214,8 +215,16 @@ def _slots_free(backend):
     return s.running == 0 and s.waiting == 0 and s.prefilling == 0 and s.free_slots == s.max_batch
 
 
-def test_disconnect_mid_stream_cancels_and_bills(server, backend):
+def _slow_steps(monkeypatch, backend, seconds: float = 0.005) -> None:
+    """Each engine step sleeps first, so a long generation on the tiny model outlasts the client
+    (unpatched, 480 tokens can take under the client's 0.5 s)."""
+    step = backend.engine.step
+    monkeypatch.setattr(backend.engine, "step", lambda: time.sleep(seconds) or step())
+
+
+def test_disconnect_mid_stream_cancels_and_bills(server, backend, monkeypatch):
     assert wait_for(lambda: _slots_free(backend))
+    _slow_steps(monkeypatch, backend)
     body = {"model": MODEL_NAME, "messages": USER, "max_tokens": 400, "ignore_eos": True, "stream": True}
     rid, seen = None, 0
     with httpx.stream("POST", server.base_url + "/chat/completions", json=body, timeout=60,
@@ -234,8 +243,9 @@ def test_disconnect_mid_stream_cancels_and_bills(server, backend):
     assert 1 <= row["completion_tokens"] < 400 and row["cost_usd"] > 0
 
 
-def test_disconnect_non_streamed_cancels(server, backend):
+def test_disconnect_non_streamed_cancels(server, backend, monkeypatch):
     assert wait_for(lambda: _slots_free(backend))
+    _slow_steps(monkeypatch, backend)
     before = {u["request_id"] for u in server.ledger.usage()}
     body = {"model": MODEL_NAME, "messages": USER, "max_tokens": 480, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -330,9 +331,85 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) {
   return out;
 }
 
+// ---- RMSNorm for decode-sized inputs ---------------------------------------------------------
+// out = w * (x * rsqrt(mean(x^2) + eps)) per row of D values (+ residual when given), with the
+// reference's rounding: bf16 rows are normalised in fp32, rounded to bf16, then multiplied by the
+// weight (rounded again), and the residual add rounds once more, as the torch ops do. One call
+// instead of 7-9 small torch ops; only the order of the sum of squares differs.
+inline __m512 load_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_f32(const at::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+// fp32 -> bf16, round to nearest even (NaN stays NaN: its mantissa keeps a high bit after rounding)
+inline __m512 round_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(0xffff0000)));
+}
+inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store(at::BFloat16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+
+template <typename T>
+void rms_rows(const T* x, const T* w, const T* res, T* out, int64_t rows, int64_t D, float eps) {
+  constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * D;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 v = load_f32(xr + d, mask16(D - d));
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / float(D) + eps));
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 m = mask16(D - d);
+      __m512 h = _mm512_mul_ps(load_f32(xr + d, m), scale);
+      if (kBf16) h = round_bf16(h);
+      h = _mm512_mul_ps(load_f32(w + d, m), h);
+      if (kBf16) h = round_bf16(h);
+      if (res) {
+        h = _mm512_add_ps(load_f32(res + r * D + d, m), h);
+        if (kBf16) h = round_bf16(h);
+      }
+      store(out + r * D + d, h, m);
+    }
+  }
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps,
+                       const c10::optional<torch::Tensor>& residual) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rms_norm: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "rms_norm: x and w must both be float32 or bfloat16, got ", x.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.dim() == 1 && x.dim() >= 1 && x.size(-1) == w.size(0),
+              "rms_norm: x (..., D) and w (D) must be contiguous, got ", x.sizes(), " and ", w.sizes());
+  if (residual)
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->sizes() == x.sizes() && residual->is_contiguous(),
+                "rms_norm: residual must be a contiguous ", x.scalar_type(), " tensor of shape ", x.sizes());
+  auto out = torch::empty_like(x);
+  const int64_t D = w.size(0), rows = D ? x.numel() / D : 0;
+  if (rows == 0) return out;
+  // Threads split the rows, at least ~64K values each (decode: one thread, no fork).
+  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t(1) << 16) / D), [&](int64_t r0, int64_t r1) {
+    if (x.scalar_type() == at::kFloat)
+      rms_rows<float>(x.data_ptr<float>() + r0 * D, w.data_ptr<float>(),
+                      residual ? residual->data_ptr<float>() + r0 * D : nullptr, out.data_ptr<float>() + r0 * D,
+                      r1 - r0, D, float(eps));
+    else
+      rms_rows<at::BFloat16>(x.data_ptr<at::BFloat16>() + r0 * D, w.data_ptr<at::BFloat16>(),
+                             residual ? residual->data_ptr<at::BFloat16>() + r0 * D : nullptr,
+                             out.data_ptr<at::BFloat16>() + r0 * D, r1 - r0, D, float(eps));
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_linear", &f32_linear, "x (M, K) fp32 @ w (N, K)^T fp32 -> (M, N) fp32");
   m.def("bf16_linear", &bf16_linear, "x (M, K) bf16 @ w (N, K)^T bf16 -> (M, N) bf16, fp32 accumulation");
+  m.def("rms_norm", &rms_norm, "[residual +] w * x / rms(x) over the last dim, fp32 or bf16",
+        py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("residual") = py::none());
 }
