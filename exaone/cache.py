@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .config import Exaone4Config
 
 
@@ -128,6 +129,10 @@ class KVCache:
                                     else torch.remainder(pos, self.window))
         if first != last - 1:
             step["row_index"] = torch.arange(step["rows"].start, step["rows"].start + B, device=self.device)[:, None]
+        # The same masks as counts of valid slots per row, for the decode attention kernel.
+        step["len_global"] = pos[:, 0] + 1
+        if self.window is not None:
+            step["len_sliding"] = step["len_global"].clamp(max=min(self.window, last))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, H, C, D), k/v (B, KVH, C, D) for the step's rows -> attention output (B, H, C, D)."""
@@ -139,10 +144,14 @@ class KVCache:
         if not self.sliding[layer]:
             _write(K, V, rows, st["slot_global"], k, v, st.get("row_index"))
             keys, vals, mask = K[rows, :, :L], V[rows, :, :L], st["mask_global"]
+            if C == 1 and _kernel_attention_ok(q, keys):
+                return _kernel_attention(q, keys, vals, st["len_global"])
         elif C == 1:
             _write(K, V, rows, st["slot_sliding"], k, v, st.get("row_index"))
             n = min(self.window, L)
             keys, vals, mask = K[rows, :, :n], V[rows, :, :n], st["mask_sliding"]
+            if _kernel_attention_ok(q, keys):
+                return _kernel_attention(q, keys, vals, st["len_sliding"])
         else:
             n_ring = st["ring_len"]
             keys = torch.cat([K[rows, :, :n_ring], k], dim=2)
@@ -151,6 +160,25 @@ class KVCache:
             keep = min(C, self.window)  # only the newest `window` tokens survive in the ring
             _write(K, V, rows, st["slot_sliding"][:, -keep:], k[:, :, -keep:], v[:, :, -keep:])
         return sdpa(q, keys, vals, mask)
+
+
+# bf16 rows x keys from which torch's two GEMMs beat the kernel (16 x 512: 1.5 vs 2.2 ms; 1 x 4096:
+# the kernel 0.38 vs 0.53 ms); fp32: the kernel measured faster everywhere (docs/kernels.md).
+_KERNEL_ATTENTION_BF16_MAX = 4096
+
+
+def _kernel_attention_ok(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """exaone.kernels' decode attention, when something else built it (attention never builds it)."""
+    D = q.shape[-1]
+    return (kernels.GEMM.module is not None and q.device.type == "cpu" and q.dtype is keys.dtype
+            and (q.dtype is torch.float32 or (q.dtype is torch.bfloat16
+                                              and q.shape[0] * keys.shape[2] <= _KERNEL_ATTENTION_BF16_MAX))
+            and (D in (32, 64) or D % 128 == 0) and not torch.compiler.is_compiling())
+
+
+def _kernel_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """One query per row (q (B, H, 1, D)) over the first lengths[b] slots of keys/vals (B, KVH, L, D)."""
+    return kernels.GEMM.module.decode_attention(q[:, :, 0], keys, vals, lengths, q.shape[-1] ** -0.5)[:, :, None]
 
 
 def _write(K, V, rows: slice, slots, k, v, row_index: torch.Tensor | None = None) -> None:

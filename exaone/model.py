@@ -127,14 +127,16 @@ def _kernel(fn, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def warm_kernels(model: nn.Module) -> bool:
-    """Build exaone.kernels now if the model's Linear layers would use it (float32 or bfloat16
-    decode), so that the one-time compile (about a minute) happens at load and not in the first
-    decode step. True when the kernel is ready; False
-    without building when no Linear is large enough to use it."""
+    """Build exaone.kernels now if the model would use it (float32 or bfloat16 decode: GEMMs,
+    norms), so that the one-time compile (about a minute) happens at load and not in the first
+    decode step. True when the kernel is ready; False without building when no linear layer is
+    large enough to use it."""
     p = next(model.parameters(), None)
     if p is None or p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16):
         return False
-    if not any(isinstance(m, Linear) and m.weight.numel() >= _KERNEL_MIN_ELEMENTS for m in model.modules()):
+    # Linear and quantized linears alike (the fused norms pay in both): anything with the features.
+    if not any(getattr(m, "in_features", 0) * getattr(m, "out_features", 0) >= _KERNEL_MIN_ELEMENTS
+               for m in model.modules()):
         return False
     return kernels.available()
 
