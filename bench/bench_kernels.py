@@ -2,13 +2,15 @@
 
     python bench/bench_kernels.py [--dtype bfloat16|float32] [--threads 2]
         [--rows 1,2,4,8,16,32,64,127,128,256,512] [--mats qo,kv,gate_up,down,lm_head]
-        [--methods ours,linear,mv,upcast,model] [--budget 0.5] [--tune "KC=512 KC=2048,WIDEN_ROWS=3"]
+        [--methods ours,linear,onednn,mv,upcast,model] [--budget 0.5] [--tune "KC=512 KC=2048,WIDEN_ROWS=3"]
 
 For each weight (N, K) of random values in --dtype and each number of rows M of x, the median
 ms per call, the GB/s of weight read (N * K * element size per call) and the GFLOP/s (2 M N K) of:
   ours    exaone.kernels.f32_linear / bf16_linear(x, w)
   linear  F.linear(x, w)                        (MKL for fp32; oneDNN for bf16, slow without
                                                 avx512_bf16 / AMX, so M < 128 only there)
+  onednn  torch.ops.mkldnn._linear_pointwise    (oneDNN's GEMM; Linear's fp32 route from 32 rows
+                                                on non-Intel CPUs, where MKL is slow)
   mv      torch.mv(w, x[0])                     (M = 1 only)
   upcast  exaone.model.Linear.upcast(x, w)      (bf16 only: fp32 GEMM on the weight upcast slice by slice)
   model   exaone.model.Linear as wired          (the route the model takes for this M)
@@ -55,12 +57,14 @@ def _methods(names: list[str], tune: list[str], dtype: torch.dtype) -> dict:
             out[name] = F.linear
         elif name == "mv":
             out[name] = lambda x, w: torch.mv(w, x[0]) if x.shape[0] == 1 else None
+        elif name == "onednn":
+            out[name] = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
         elif name == "upcast" and dtype is torch.bfloat16:
             out[name] = Linear.upcast
         elif name == "model":
             out[name] = None  # a Linear per matrix, built in main
         elif name != "upcast":
-            raise SystemExit(f"unknown method {name!r}; choose from ours, linear, mv, upcast, model")
+            raise SystemExit(f"unknown method {name!r}; choose from ours, linear, onednn, mv, upcast, model")
     for variant in tune:
         if not re.fullmatch(r"[A-Z_]+=\w+(,[A-Z_]+=\w+)*", variant):
             raise SystemExit(f"--tune wants NAME=VALUE[,NAME=VALUE] per variant, got {variant!r}")

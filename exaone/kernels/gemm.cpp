@@ -40,6 +40,9 @@ namespace {
 #ifndef EXAONE_STREAM_ROWS
 #define EXAONE_STREAM_ROWS 2  // up to this many rows of x: one weight row at a time (see stream_rows)
 #endif
+#ifndef EXAONE_STREAM_PF
+#define EXAONE_STREAM_PF 2048  // bytes ahead that stream_rows prefetches (0: the hardware prefetcher alone)
+#endif
 #ifndef EXAONE_PF_HINT
 #define EXAONE_PF_HINT _MM_HINT_T0
 #endif
@@ -212,7 +215,12 @@ void stream_rows(const float* x, int64_t ldx, const W* w, int64_t K, int64_t nb,
     __m512 acc[MB][2];
     for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k + kChunk <= K; k += kChunk) stream_chunk<W, MB, false>(acc, x + k, ldx, r + k, kChunk);
+    for (; k + kChunk <= K; k += kChunk) {
+      if constexpr (EXAONE_STREAM_PF > 0)
+        for (int64_t l = 0; l < kChunk * int64_t(sizeof(W)); l += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(r + k) + EXAONE_STREAM_PF + l, EXAONE_PF_HINT);
+      stream_chunk<W, MB, false>(acc, x + k, ldx, r + k, kChunk);
+    }
     if (k < K) stream_chunk<W, MB, true>(acc, x + k, ldx, r + k, K - k);
     for (int m = 0; m < MB; ++m) out[m * ldo + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
   }
