@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .kernels._ext import cpuinfo
 from .cache import SLOW_BF16, KVCache, sdpa
 from .config import Exaone4Config, llama3_inv_freq
 
@@ -42,19 +43,11 @@ _BIG_WEIGHT = 1 << 24
 _KERNEL_MIN_ELEMENTS = 1 << 20
 
 
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-
-
 # From _F32_KERNEL_ROWS + 1 rows (prefill), fp32 goes to MKL's GEMM on Intel CPUs and to oneDNN's
-# elsewhere: MKL takes a slower path on other vendors' CPUs (AMD Zen 5, 2 threads: 160-190 against
-# 330-420 GFLOP/s from 128 rows; docs/kernels.md). oneDNN builds a primitive per new shape (~1 ms),
+# elsewhere: MKL takes a slower path on other vendors' CPUs (AMD Zen 5, 2 threads: 145-195 against
+# 325-420 GFLOP/s from 128 rows; docs/kernels.md). oneDNN builds a primitive per new shape (~1 ms),
 # so weights under _KERNEL_MIN_ELEMENTS stay on MKL.
-_ONEDNN_F32 = (_cpu_vendor() not in ("", "GenuineIntel") and torch.backends.mkldnn.is_available()
+_ONEDNN_F32 = ((cpuinfo("vendor_id") or "") not in ("", "GenuineIntel") and torch.backends.mkldnn.is_available()
                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 

@@ -333,14 +333,9 @@ def _commit() -> str | None:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    from ..kernels._ext import cpuinfo
+
+    return cpuinfo("model name") or platform.processor()
 
 
 def run(args) -> int:

@@ -32,12 +32,19 @@ def cpu_reason(extra_flags: tuple[str, ...] = ()) -> str | None:
     return None
 
 
-def _cpu_has(flag: str) -> bool:
+def cpuinfo(field: str) -> str | None:
+    """The first value of `field` in /proc/cpuinfo ("" if absent), None where it cannot be read."""
     try:
-        return any(flag in line.split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("flags"))
-    except OSError:  # not Linux: trust the compiler flags and torch's capability
-        return True
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines
+                 if ":" in line and line.split(":", 1)[0].strip() == field), "")
+
+
+def _cpu_has(flag: str) -> bool:
+    flags = cpuinfo("flags")
+    return True if flags is None else flag in flags.split()  # not Linux: trust the compiler and torch
 
 
 def clear_stale_lock(name: str) -> None:
