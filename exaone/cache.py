@@ -162,8 +162,9 @@ class KVCache:
         return sdpa(q, keys, vals, mask)
 
 
-# bf16 rows x keys from which torch's two GEMMs beat the kernel (16 x 512: 1.5 vs 2.2 ms; 1 x 4096:
-# the kernel 0.38 vs 0.53 ms); fp32: the kernel measured faster everywhere (docs/kernels.md).
+# bf16 rows x keys beyond which torch's two GEMMs beat the kernel: near 4096 the two are even (1 x
+# 4096: 0.37-0.43 vs 0.34 ms, 16 x 256: 0.38-0.40 vs 0.35-0.38; 16 x 512: 2.5 vs 1.8 ms); fp32:
+# the kernel measured faster everywhere (python bench/bench_attention.py, docs/kernels.md).
 _KERNEL_ATTENTION_BF16_MAX = 4096
 
 
@@ -210,7 +211,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     """Grouped-query attention with a boolean mask (True = attend; None = every key).
 
     Up to `_FEW_QUERIES` queries per row on a CPU (decode, speculative verification) go through
-    `matmul_attention`; torch's fused CPU kernel costs 2-23x more there (docs/kernels.md).
+    `matmul_attention`; torch's fused CPU kernel costs 3-26x more there (docs/kernels.md).
     Otherwise `enable_gqa` lets the fused kernel index kv head h // rep instead of materialising
     repeat_interleave copies of k and v; the result is bit-identical."""
     if q.device.type == "cpu" and q.shape[-2] <= _FEW_QUERIES:

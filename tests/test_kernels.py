@@ -450,7 +450,7 @@ def test_linear_routes_f32_prefill_rows(monkeypatch, onednn):
 def test_decode_attention_matches_float64(kern, dtype, D):
     """One query per row over the first lengths[b] slots of strided cache slices, grouped heads."""
     g = torch.Generator().manual_seed(D)
-    for B, L, cap, H, KVH in ((1, 5, 8, 4, 2), (3, 50, 64, 8, 2), (2, 300, 512, 5, 1)):
+    for B, L, cap, H, KVH in ((1, 5, 8, 4, 2), (3, 50, 64, 8, 2), (2, 300, 512, 5, 1), (1, 33, 40, 6, 2)):
         q = torch.randn(B, H, 1, D, generator=g).to(dtype)
         K, V = (torch.randn(B + 1, KVH, cap, D, generator=g).to(dtype) for _ in range(2))
         k, v = K[1:, :, :L], V[1:, :, :L]  # rows 1.. of the cache, L of cap slots: strided

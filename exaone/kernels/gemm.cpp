@@ -180,11 +180,6 @@ Prefetch next_slice(const W* w, int64_t N, int64_t K, int64_t n0, int64_t k0, in
   return pf;
 }
 
-// Few rows of x (memory-bound): weight rows [n0, n0 + nb) one at a time, each read from start to
-// end as one stream, against all MB rows of x (held in L1); out[m * ldo + n] = the sums. Reading
-// 4 weight rows side by side (the tile form) keeps 4 streams per thread in flight, which the
-// hardware prefetchers of some CPUs follow at half the bandwidth (Zen 5: 32 vs 64 GB/s).
-// fp32 w: x as is; bf16 w: x in the even/odd order of pack_x, zero-padded to a multiple of 32.
 // 32 values of K of one weight row as two fp32 vectors (bf16: the even and the odd ones), and of
 // x row m to match; Tail: only the first `left` values (x beyond K is zero for bf16).
 template <typename W, int MB, bool Tail>
@@ -208,6 +203,11 @@ inline void stream_chunk(__m512 (&acc)[MB][2], const float* x, int64_t ldx, cons
   }
 }
 
+// Few rows of x (memory-bound): weight rows [0, nb) one at a time, each read from start to end as
+// one stream, against all MB rows of x (held in L1); out[m * ldo + n] = the sums. Reading 4 weight
+// rows side by side (the tile form) keeps 4 streams per thread in flight, which the hardware
+// prefetchers of some CPUs follow at half the bandwidth (Zen 5: 32 vs 64 GB/s).
+// fp32 w: x as is; bf16 w: x in the even/odd order of pack_x, zero-padded to a multiple of 32.
 template <typename W, int MB>
 void stream_rows(const float* x, int64_t ldx, const W* w, int64_t K, int64_t nb, float* out, int64_t ldo) {
   for (int64_t n = 0; n < nb; ++n) {
@@ -355,6 +355,7 @@ inline __m512 round_bf16(__m512 v) {
   const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
   return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(0xffff0000)));
 }
+// bf16: stores the high halves, so `v` must already be rounded (round_bf16).
 inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 inline void store(at::BFloat16* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
@@ -436,7 +437,7 @@ inline __m512 exp_neg(__m512 x) {
 }
 
 // acc[h][0, 16 NV) = sum_j p[h * ldp + j] v[j * ldv + (0, 16 NV)] for HC heads, sums in registers
-// (acc row stride lda, default 16 NV). A value of D beyond 128 goes in 128-wide column passes.
+// (acc row stride lda). A D beyond 128 goes in 128-wide column passes.
 template <typename T, int NV, int HC>
 void v_pass(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t len, float* acc, int64_t lda) {
   __m512 s[HC][NV];
@@ -454,20 +455,25 @@ void v_pass(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t len, f
     for (int n = 0; n < NV; ++n) _mm512_storeu_ps(acc + h * lda + 16 * n, s[h][n]);
 }
 
+// All rep heads: HC at a time (as many as keep HC x NV sums and the NV values of v in registers),
+// then the remaining heads in one smaller pass.
 template <typename T, int NV>
-void v_pass_n(int hc, const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t len, float* acc,
-              int64_t lda = 16 * NV) {
-  switch (hc) {
-    case 1: return v_pass<T, NV, 1>(p, ldp, v, ldv, len, acc, lda);
-    case 2: return v_pass<T, NV, 2>(p, ldp, v, ldv, len, acc, lda);
-    case 3: return v_pass<T, NV, (NV <= 4 ? 3 : 2)>(p, ldp, v, ldv, len, acc, lda);
-    default: return v_pass<T, NV, (NV <= 4 ? 4 : 2)>(p, ldp, v, ldv, len, acc, lda);
+void v_pass_heads(int64_t rep, const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t len, float* acc,
+                  int64_t lda) {
+  constexpr int HC = NV <= 4 ? 4 : 2;
+  int64_t h = 0;
+  for (; h + HC <= rep; h += HC) v_pass<T, NV, HC>(p + h * ldp, ldp, v, ldv, len, acc + h * lda, lda);
+  switch (rep - h) {
+    case 0: return;
+    case 1: return v_pass<T, NV, 1>(p + h * ldp, ldp, v, ldv, len, acc + h * lda, lda);
+    case 2: return v_pass<T, NV, (HC > 2 ? 2 : 1)>(p + h * ldp, ldp, v, ldv, len, acc + h * lda, lda);
+    default: return v_pass<T, NV, (HC > 3 ? 3 : 1)>(p + h * ldp, ldp, v, ldv, len, acc + h * lda, lda);
   }
 }
 
 template <typename T>
 void attend_one(const T* q, int64_t ldq, int64_t rep, const T* k, const T* v, int64_t ldk, int64_t len, int64_t D,
-                float scale, T* out, int64_t ldo, float* qbuf, float* scores) {
+                float scale, T* out, int64_t ldo, float* qbuf, float* scores, float* inv) {
   using W = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
   // q rows (scaled once here) in the layout `slice` wants: fp32 as is; bf16 widened, even/odd.
   for (int64_t h = 0; h < rep; ++h) {
@@ -481,8 +487,7 @@ void attend_one(const T* q, int64_t ldq, int64_t rep, const T* k, const T* v, in
   const W* kw = reinterpret_cast<const W*>(k);
   for (int64_t j = 0; j < len; j += kB)
     slice(qbuf, D, rep, kw + j * ldk, ldk, D, std::min<int64_t>(kB, len - j), scores + j, len, false, Prefetch{});
-  std::vector<float> inv(rep);
-  for (int64_t h = 0; h < rep; ++h) {
+  for (int64_t h = 0; h < rep; ++h) {  // scores -> exp(scores - max); inv[h] = 1 / their sum
     float* s = scores + h * len;
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int64_t j = 0; j < len; j += 16)
@@ -498,15 +503,9 @@ void attend_one(const T* q, int64_t ldq, int64_t rep, const T* k, const T* v, in
     inv[h] = 1.0f / _mm512_reduce_add_ps(sum);
   }
   float* acc = qbuf;  // q is done with: rep x D fp32 sums
-  const int hc_max = D <= 64 ? 4 : 2;  // heads per pass over v: hc x D / 16 sums stay in registers
-  for (int64_t h0 = 0; h0 < rep; h0 += hc_max) {
-    const int hc = int(std::min<int64_t>(hc_max, rep - h0));
-    const float* p = scores + h0 * len;
-    float* a = acc + h0 * D;
-    if (D == 32) v_pass_n<T, 2>(hc, p, len, v, ldk, len, a);
-    else if (D == 64) v_pass_n<T, 4>(hc, p, len, v, ldk, len, a);
-    else for (int64_t d = 0; d < D; d += 128) v_pass_n<T, 8>(hc, p, len, v + d, ldk, len, a + d, D);
-  }
+  if (D == 32) v_pass_heads<T, 2>(rep, scores, len, v, ldk, len, acc, D);
+  else if (D == 64) v_pass_heads<T, 4>(rep, scores, len, v, ldk, len, acc, D);
+  else for (int64_t d = 0; d < D; d += 128) v_pass_heads<T, 8>(rep, scores, len, v + d, ldk, len, acc + d, D);
   for (int64_t h = 0; h < rep; ++h)
     for (int64_t d = 0; d < D; d += 16) {
       __m512 y = _mm512_mul_ps(_mm512_loadu_ps(acc + h * D + d), _mm512_set1_ps(inv[h]));
@@ -540,20 +539,20 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   // Small contexts on one thread: a fork costs more than the work.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, L * D));
   at::parallel_for(0, B * KVH, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qbuf(rep * D), scores(rep * L);
+    std::vector<float> qbuf(rep * D), scores(rep * L), inv(rep);  // per worker, reused by its tasks
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / KVH, g = t % KVH;
       if (q.scalar_type() == at::kFloat)
         attend_one<float>(q.data_ptr<float>() + b * q.stride(0) + g * rep * q.stride(1), q.stride(1), rep,
                           k.data_ptr<float>() + b * k.stride(0) + g * k.stride(1),
                           v.data_ptr<float>() + b * v.stride(0) + g * v.stride(1), D, len[b], D, float(scale),
-                          out.data_ptr<float>() + (b * H + g * rep) * D, D, qbuf.data(), scores.data());
+                          out.data_ptr<float>() + (b * H + g * rep) * D, D, qbuf.data(), scores.data(), inv.data());
       else
         attend_one<at::BFloat16>(q.data_ptr<at::BFloat16>() + b * q.stride(0) + g * rep * q.stride(1), q.stride(1), rep,
                                  k.data_ptr<at::BFloat16>() + b * k.stride(0) + g * k.stride(1),
                                  v.data_ptr<at::BFloat16>() + b * v.stride(0) + g * v.stride(1), D, len[b], D,
                                  float(scale), out.data_ptr<at::BFloat16>() + (b * H + g * rep) * D, D, qbuf.data(),
-                                 scores.data());
+                                 scores.data(), inv.data());
     }
   });
   return out;
