@@ -154,12 +154,15 @@ class RMSNorm(nn.Module):
         return out if residual is None else residual + out
 
     def _fused_ok(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        """The kernel (built by whoever needed it first; a norm never builds it) has no autograd,
-        and dynamo cannot trace it."""
+        return (self._kernel_ok(x) and x.is_contiguous()
+                and (residual is None or (residual.dtype is x.dtype and residual.is_contiguous())))
+
+    def _kernel_ok(self, x: torch.Tensor) -> bool:
+        """The kernels (built by whoever needed them first; a norm never builds them) take rows of
+        contiguous values, have no autograd, and dynamo cannot trace them."""
         w = self.weight
         return (x.device.type == "cpu" and x.dtype is w.dtype and x.dtype in (torch.float32, torch.bfloat16)
-                and x.is_contiguous() and (residual is None or (residual.dtype is x.dtype and residual.is_contiguous()))
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                and x.stride(-1) == 1 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
                 and not torch.compiler.is_compiling())
 
 
@@ -196,16 +199,28 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, C, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, C, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, C, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, C, self.n_kv, self.head_dim).transpose(1, 2)
-        if self.use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = self._norm_rope(q, self.q_norm, self.n_heads, cos, sin)
+        k = self._norm_rope(k, self.k_norm, self.n_kv, cos, sin)
+        v = v.view(B, C, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v)
         else:
             out = sdpa(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, C, -1))
+
+    def _norm_rope(self, y: torch.Tensor, norm: RMSNorm, heads: int, cos, sin) -> torch.Tensor:
+        """(B, C, heads * D) projection -> (B, heads, C, D), normalised per head, rotated on RoPE layers."""
+        B, C, D = y.shape[0], y.shape[1], self.head_dim
+        if kernels.GEMM.module is not None and norm._kernel_ok(y) and (not self.use_rope or D % 32 == 0):
+            # One C++ call for the norm, the rotation and their roundings, instead of ~8 small ops.
+            if self.use_rope:
+                cos, sin = cos.reshape(B * C, D), sin.reshape(B * C, D)
+            out = kernels.GEMM.module.norm_rope(y.reshape(B * C, -1), heads, norm.weight, norm.eps,
+                                                *((cos, sin) if self.use_rope else ()))
+            return out.view(B, C, heads, D).transpose(1, 2)
+        h = norm(y.reshape(B, C, heads, D)).transpose(1, 2)
+        return apply_rope(h, cos, sin) if self.use_rope else h
 
 
 class MLP(nn.Module):
@@ -217,7 +232,16 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, h, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
+
+
+def project(x: torch.Tensor, linears) -> list[torch.Tensor]:
+    """Each linear applied to x: one call for all where their class can fuse them (`forward_many`:
+    quantized linears quantize x once and split one pass over all their weights), else one each."""
+    many = getattr(linears[0], "forward_many", None)
+    out = many(x, linears) if many is not None else None
+    return out if out is not None else [m(x) for m in linears]
 
 
 class DecoderLayer(nn.Module):

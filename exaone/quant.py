@@ -255,6 +255,24 @@ class QuantLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
+    def forward_many(self, x: torch.Tensor, linears) -> list[torch.Tensor] | None:
+        """[m(x) for m in linears] as one kernel call (x quantized once, one pass over all the
+        weights, outputs as column slices of one tensor) when they are all VNNI QuantLinears of one
+        kind (method, group, in_features); None otherwise (model.project then calls each)."""
+        if self.backend != "vnni" or x.dtype not in (torch.float32, torch.bfloat16) or not all(
+                type(m) is QuantLinear and m.backend == "vnni" and m.method == self.method
+                and m.group_size == self.group_size and m.in_features == self.in_features for m in linears):
+            return None
+        x2 = x.reshape(-1, self.in_features)
+        sizes = [m.out_features for m in linears]
+        if self.method == "int8":
+            y = qgemm.QGEMM.module.qlinear_many(x2.contiguous(), [m.qweight for m in linears],
+                                                [m.scales for m in linears], sizes, 8, qgemm.INT8_BLOCK)
+        else:
+            y = qgemm.QGEMM.module.qlinear_many(x2.contiguous(), [m.qweight for m in linears],
+                                                [m.scales_and_zeros for m in linears], sizes, 4, self.group_size)
+        return list(y.view(*x.shape[:-1], sum(sizes)).split(sizes, -1))
+
     def weight_bytes(self) -> int:
         """Bytes a forward pass reads: the packed weights and their scales."""
         return sum(b.numel() * b.element_size() for b in self.buffers())

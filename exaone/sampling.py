@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from . import kernels
+
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16
@@ -241,7 +243,7 @@ class Sampler:
             raise ValueError(f"logits must be 1-D [vocab], got shape {tuple(logits.shape)}")
         x = self.process(logits, prompt_ids, output_ids)
         if self.params.greedy:
-            token = int(torch.argmax(x))
+            token = int(kernels.argmax(x))
         else:
             probs = torch.softmax(x, -1)
             token = int(torch.multinomial(probs, 1, generator=self._generator(probs.device)))
@@ -265,7 +267,7 @@ def sample_batch(logits: torch.Tensor, samplers: Sequence[Sampler],
     if logits.dim() != 2 or logits.shape[0] != len(samplers):
         raise ValueError(f"logits must be [B={len(samplers)}, vocab], got {tuple(logits.shape)}")
     if all(s.fast_greedy for s in samplers):
-        return [SampleResult(t) for t in torch.argmax(logits, dim=-1).tolist()]
+        return [SampleResult(t) for t in kernels.argmax(logits).tolist()]
     return [s.sample(logits[i], prompt_ids_list[i], output_ids_list[i]) for i, s in enumerate(samplers)]
 
 

@@ -517,3 +517,68 @@ def test_cache_decode_with_the_kernels_matches_torch(kern, dtype):
     tol = 1e-4 if dtype is torch.float32 else 0.05 * slow.abs().max().item()
     assert (fast - slow).abs().max().item() <= tol
     assert not torch.equal(fast, slow)  # the kernels did run (their sums are ordered differently)
+
+
+def _torch_norm_rope(norm, y, heads, cos, sin):
+    """The reference ops: RMSNorm per head, then x * cos + roll(x, D/2) * sin (model.apply_rope)."""
+    T, D = y.shape[0], norm.weight.shape[0]
+    module, kernels.GEMM.module = kernels.GEMM.module, None
+    try:
+        h = norm(y.reshape(T, heads, D))
+    finally:
+        kernels.GEMM.module = module
+    return (h if cos is None else model.apply_rope(h, cos[:, None], sin[:, None])).reshape(T, heads * D)
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_norm_rope_kernel_matches_the_torch_ops(kern, dtype, D):
+    """q/k norm + RoPE in one call, on a strided slice of a fused projection: bf16 rounds as the
+    torch ops (<= 1 ulp, nearly all identical), fp32 within the reordered sum of squares."""
+    g = torch.Generator().manual_seed(D)
+    T, heads = 5, 3
+    fused = (3 * torch.randn(T, (heads + 2) * D, generator=g)).to(dtype)
+    y = fused[:, D:(heads + 1) * D]  # rows with a stride: not contiguous
+    norm = model.RMSNorm(D, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D, generator=g))
+    cos, sin = model.rope_cos_sin(torch.rand(D // 2, generator=g), torch.arange(T)[None] + 7, dtype)
+    cos, sin = cos.reshape(T, D), sin.reshape(T, D)
+    for c, s in ((cos, sin), (None, None)):
+        got = kern.GEMM.module.norm_rope(y, heads, norm.weight, 1e-5, c, s)
+        want = _torch_norm_rope(norm, y, heads, c, s)
+        assert got.dtype is dtype and got.shape == (T, heads * D)
+        if dtype is torch.bfloat16:
+            assert _ulps(got, want).max() <= 2 and (_ulps(got, want) == 0).float().mean() >= 0.98
+        else:
+            torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        kern.GEMM.module.norm_rope(torch.ones(2, 48).to(dtype), 1, torch.ones(48).to(dtype), 1e-5,
+                                   torch.ones(2, 48).to(dtype), torch.ones(2, 48).to(dtype))
+    with pytest.raises(RuntimeError, match="heads"):
+        kern.GEMM.module.norm_rope(y, heads + 1, norm.weight, 1e-5, cos, sin)
+    with pytest.raises(RuntimeError, match="together"):
+        kern.GEMM.module.norm_rope(y, heads, norm.weight, 1e-5, cos, None)
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_kernel_gives_torch_argmax(kern, dtype):
+    """First index of the maximum, ties and NaN (the first NaN wins) as torch.argmax; 1-D and 2-D."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1, 102400), (16, 1000), (3, 17), (2, 64), (5, 1)):
+        x = torch.randn(*shape, generator=g).to(dtype)
+        assert torch.equal(kern.argmax(x), torch.argmax(x, -1))
+        assert torch.equal(kern.argmax(x[0]), torch.argmax(x[0]))
+    x = torch.randn(5, 1000, generator=g).to(dtype)
+    x[1, 5] = x[1, 9] = float("nan")
+    x[2] = float("-inf")
+    x[3, 7] = x[3, 900] = 100  # a tie: the first
+    x[4, 999] = float("inf")
+    assert torch.equal(kern.argmax(x), torch.argmax(x, -1))
+    assert torch.equal(kern.argmax(x), kern.GEMM.module.argmax(x))  # the route
+    # Other dims, dtypes and strided rows keep torch.argmax.
+    assert torch.equal(kern.argmax(x, 0), torch.argmax(x, 0))
+    assert torch.equal(kern.argmax(x.double()), torch.argmax(x.double(), -1))
+    assert torch.equal(kern.argmax(x.T), torch.argmax(x.T, -1))

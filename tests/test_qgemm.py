@@ -151,3 +151,31 @@ def test_threads_split_the_work_without_changing_a_bit():
         assert torch.equal(qgemm.int4_linear(x, w, sz, 320, 128), one)
     finally:
         torch.set_num_threads(before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [1, 5])
+def test_many_weights_in_one_call_equal_one_call_each(bits, m):
+    """qlinear_many: x quantized once, the parts' tiles split among threads as one sequence, each
+    part's output in its columns; bit for bit the separate calls (also for N not a multiple of 64)."""
+    g = torch.Generator().manual_seed(bits * 10 + m)
+    x = torch.randn(m, 256, generator=g).bfloat16()
+    ns = [192, 64, 100]
+    if bits == 8:
+        packed = [(qgemm.pack_int8(q), qgemm.pack_int8_scales(s)) for q, s, _ in (_int8(n, 256, i) for i, n in enumerate(ns))]
+        block = qgemm.INT8_BLOCK
+    else:
+        packed = [(qgemm.pack_int4(c), qgemm.pack_int4_scales(s, z)) for c, s, z, _ in
+                  (_int4(n + (-n) % 16, 256, 64, i) for i, n in enumerate(ns))]
+        ns = [n + (-n) % 16 for n in ns]
+        block = 64
+    mod = qgemm.QGEMM.module
+    y = mod.qlinear_many(x, [w for w, _ in packed], [s for _, s in packed], ns, bits, block)
+    assert y.shape == (m, sum(ns)) and y.dtype is torch.bfloat16
+    for (w, s), n, part in zip(packed, ns, y.split(ns, -1)):
+        assert torch.equal(part, mod.qlinear(x, w, s, n, bits, block))
+    with pytest.raises(RuntimeError, match="one scales tensor and one N per weight"):
+        mod.qlinear_many(x, [packed[0][0]], [], ns[:1], bits, block)
+    with pytest.raises(RuntimeError, match="does not match"):
+        mod.qlinear_many(x, [w for w, _ in packed], [s for _, s in packed], [ns[0], ns[1], ns[2] + 64], bits, block)

@@ -68,6 +68,30 @@ def test_kernel_equals_dequantized_reference(method, group, rows, backend):
     assert _rel(q(x), ref) < 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_project_fuses_quantized_linears_of_one_kind(method, backend):
+    """model.project: q/k/v (and gate/up) as one kernel call when all are VNNI QuantLinears of
+    one kind: each output bit for bit its own call; mixed kinds or other backends call each."""
+    from exaone.model import project
+
+    m = _model()
+    quantize_model(m, method, group_size=32, backend=backend)
+    attn = m.model.layers[0].self_attn
+    mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+    x = torch.randn(2, 3, 128).bfloat16()
+    with torch.no_grad():
+        outs = project(x, mods)
+        fused = attn.q_proj.forward_many(x, mods)
+        assert (fused is not None) == (backend == "vnni")
+        for o, lin in zip(outs, mods):
+            assert o.shape == (2, 3, lin.out_features) and torch.equal(o, lin(x))
+        other = QuantLinear.from_linear(torch.nn.Linear(128, 64, bias=False), "int4" if method == "int8" else "int8",
+                                        32, backend=backend)
+        assert attn.q_proj.forward_many(x, (attn.q_proj, other)) is None
+        assert all(torch.equal(o, lin(x)) for o, lin in zip(project(x, (attn.q_proj, other)), (attn.q_proj, other)))
+
+
 @pytest.mark.parametrize("method,group", [("int8", 128), ("int4", 32)])
 def test_backends_hold_the_same_weights(method, group):
     lin = torch.nn.Linear(128, 64, bias=False)

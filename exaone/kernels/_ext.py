@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-BASE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
+# -ffp-contract=off: a multiply and an add stay two roundings (the reference's), never one FMA unless written.
+BASE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-ffp-contract=off", "-fopenmp"]
 _STALE_LOCK_S = 600  # a build takes about a minute; a lock this old belongs to a dead process
 
 

@@ -89,20 +89,26 @@ void quantize_row(const T* x, int64_t K, int64_t Kp, int64_t B, int8_t* xq, floa
 }
 
 struct Args {
-  const uint8_t* w;        // packed weights
-  const void* scales;      // int8: float (Np,); int4: bf16 (tiles, groups, 2, 64)
   const int8_t* xq;        // (M, Kp)
   const float* sx;         // (M, nb)
   const float* xsum;       // (M, nb)
   const float* xtot;       // (M,): sum over blocks of xsum (int8 offset correction)
-  int64_t Kp, B, nb, N;
+  int64_t Kp, B, nb, ldo;  // ldo: the output's row stride (the parts' N summed)
 };
 
-// MB rows of x against one tile of 64 channels over all of K; writes out rows m0.. (row stride N).
+// One weight of a call: its packed tiles and scales, its N, and its first column in the output.
+struct Part {
+  const uint8_t* w;        // packed weights
+  const void* scales;      // int8: float (Np,); int4: bf16 (tiles, groups, 2, 64)
+  int64_t N, col, tiles;
+};
+
+// MB rows of x against tile t of part p (64 channels) over all of K; writes out rows m0.. (row
+// stride a.ldo) at the part's columns.
 template <int MB, bool INT4, typename T>
-void tile(const Args& a, int64_t t, int64_t m0, T* out) {
+void tile(const Args& a, const Part& p, int64_t t, int64_t m0, T* out) {
   const int64_t steps_per_block = a.B / 4, step_bytes = INT4 ? 128 : 256;
-  const uint8_t* wp = a.w + t * (a.Kp / 4) * step_bytes;
+  const uint8_t* wp = p.w + t * (a.Kp / 4) * step_bytes;
   const int8_t* xr = a.xq + m0 * a.Kp;
   const float* sxr = a.sx + m0 * a.nb;
   const float* xsr = a.xsum + m0 * a.nb;
@@ -136,7 +142,7 @@ void tile(const Args& a, int64_t t, int64_t m0, T* out) {
       }
     }
     if constexpr (INT4) {  // group b: scales and zeros of the 64 channels
-      const uint16_t* sz = static_cast<const uint16_t*>(a.scales) + (t * a.nb + b) * 128;
+      const uint16_t* sz = static_cast<const uint16_t*>(p.scales) + (t * a.nb + b) * 128;
       for (int j = 0; j < 4; ++j) {
         const __m512 sc = bf16_to_f32(sz + 16 * j);
         const __m512 zz = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, bf16_to_f32(sz + 64 + 16 * j));  // z - 8 s
@@ -158,64 +164,92 @@ void tile(const Args& a, int64_t t, int64_t m0, T* out) {
   for (int m = 0; m < MB; ++m) {
     for (int j = 0; j < 4; ++j) {
       const int64_t n = n0 + 16 * j;
-      if (n >= a.N) break;
+      if (n >= p.N) break;
       __m512 y = _mm512_load_ps(facc[m][j]);
       if constexpr (!INT4)  // sw[n] * (acc - 128 * sum_b sx_b sum xq_b)
-        y = _mm512_mul_ps(_mm512_loadu_ps(static_cast<const float*>(a.scales) + n),
+        y = _mm512_mul_ps(_mm512_loadu_ps(static_cast<const float*>(p.scales) + n),
                           _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), _mm512_set1_ps(a.xtot[m0 + m]), y));
-      const __mmask16 mk = mask16(a.N - n);
+      const __mmask16 mk = mask16(p.N - n);
+      T* o = out + (m0 + m) * a.ldo + p.col + n;
       if constexpr (std::is_same_v<T, float>)
-        _mm512_mask_storeu_ps(out + (m0 + m) * a.N + n, mk, y);
+        _mm512_mask_storeu_ps(o, mk, y);
       else
-        _mm256_mask_storeu_epi16(out + (m0 + m) * a.N + n, mk, f32_to_bf16(y));
+        _mm256_mask_storeu_epi16(o, mk, f32_to_bf16(y));
     }
   }
 }
 
 template <bool INT4, typename T>
-void tile_rows(const Args& a, int64_t t, int64_t m0, int64_t mb, T* out) {
+void tile_rows(const Args& a, const Part& p, int64_t t, int64_t m0, int64_t mb, T* out) {
   switch (mb) {  // the kMaxMB-row block, and exact-size blocks for the last rows
-    case 1: return tile<1, INT4>(a, t, m0, out);
-    case 2: return tile<2, INT4>(a, t, m0, out);
-    case 3: return tile<3, INT4>(a, t, m0, out);
-    default: return tile<kMaxMB, INT4>(a, t, m0, out);
+    case 1: return tile<1, INT4>(a, p, t, m0, out);
+    case 2: return tile<2, INT4>(a, p, t, m0, out);
+    case 3: return tile<3, INT4>(a, p, t, m0, out);
+    default: return tile<kMaxMB, INT4>(a, p, t, m0, out);
   }
 }
 
+// Threads split the tiles of all parts as one sequence (one fork per call, whatever the parts).
 template <bool INT4, typename T>
-void run(const Args& a, int64_t M, int64_t tiles, int64_t tile_bytes, T* out) {
+void run(const Args& a, const std::vector<Part>& parts, int64_t M, int64_t tile_bytes, T* out) {
+  int64_t tiles = 0;
+  for (const Part& p : parts) tiles += p.tiles;
+  auto range = [&](int64_t t0, int64_t t1) {
+    size_t i = 0;
+    int64_t first = 0;  // global index of part i's tile 0
+    for (int64_t t = t0; t < t1; ++t) {
+      while (t - first >= parts[i].tiles) first += parts[i++].tiles;
+      // the tile stays in L2 while every block of rows passes over it
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxMB)
+        tile_rows<INT4>(a, parts[i], t - first, m0, std::min<int64_t>(kMaxMB, M - m0), out);
+    }
+  };
   // At least ~128 KB of weights per task: a small matrix does not pay a thread fork for nothing.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / tile_bytes);
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)  // the tile stays in L2 while every block of rows passes over it
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxMB) tile_rows<INT4>(a, t, m0, std::min<int64_t>(kMaxMB, M - m0), out);
-  });
+  at::parallel_for(0, tiles, grain, range);
 }
 
-// x (M, K) float32 or bfloat16; w packed uint8 (tiles, Kp/4 * step bytes); bits 8 or 4; block: the
-// activation block (int8: 32; int4: the group). Returns (M, N) in x's dtype.
-torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales, int64_t N,
-                      int64_t bits, int64_t block) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scales.device().is_cpu(), "qlinear: CPU tensors only");
+// x (M, K) float32 or bfloat16 against the packed weights ws[i] (uint8 (tiles, Kp/4 * step bytes))
+// with scales ss[i] and Ns[i] output channels, all of one kind: bits 8 or 4, block the activation
+// block (int8: 32; int4: the group). x is quantized once; returns (M, sum Ns) in x's dtype, part i
+// in columns [sum Ns[:i], sum Ns[:i+1]).
+torch::Tensor qlinear_many(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+                           const std::vector<torch::Tensor>& ss, const std::vector<int64_t>& Ns, int64_t bits,
+                           int64_t block) {
+  TORCH_CHECK(x.device().is_cpu(), "qlinear: CPU tensors only");
   TORCH_CHECK(bits == 8 || bits == 4, "qlinear: bits must be 8 or 4, got ", bits);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "qlinear: x must be a contiguous (M, K) tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "qlinear: x must be float32 or bfloat16");
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "qlinear: w must be packed uint8 (tiles, bytes)");
   TORCH_CHECK(block > 0 && block % 16 == 0, "qlinear: block must be a positive multiple of 16, got ", block);
-  const int64_t M = x.size(0), K = x.size(1), tiles = w.size(0);
+  TORCH_CHECK(!ws.empty() && ws.size() == ss.size() && ws.size() == Ns.size(),
+              "qlinear: one scales tensor and one N per weight, got ", ws.size(), " weights, ", ss.size(),
+              " scales, ", Ns.size(), " Ns");
+  const int64_t M = x.size(0), K = x.size(1);
   const int64_t Kp = (K + block - 1) / block * block, nb = Kp / block, step_bytes = bits == 4 ? 128 : 256;
-  TORCH_CHECK(tiles == (N + kTile - 1) / kTile && w.size(1) == Kp / 4 * step_bytes, "qlinear: packed w ", w.sizes(),
-              " does not match N=", N, ", K=", K, ", block=", block);
   if (bits == 4) {
     TORCH_CHECK(K % block == 0, "qlinear: int4 needs K divisible by the group, got K=", K, ", group=", block);
-    TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() && scales.numel() == tiles * nb * 128,
-                "qlinear: int4 scales must be contiguous bfloat16 (tiles, groups, 2, 64)");
-  } else {
-    TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * kTile,
-                "qlinear: int8 scales must be contiguous float32 (tiles * 64,)");
   }
-  auto out = torch::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out;
+  std::vector<Part> parts;
+  int64_t ldo = 0;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const torch::Tensor &w = ws[i], &s = ss[i];
+    const int64_t N = Ns[i], tiles = w.dim() == 2 ? w.size(0) : -1;
+    TORCH_CHECK(w.device().is_cpu() && s.device().is_cpu(), "qlinear: CPU tensors only");
+    TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "qlinear: w must be packed uint8 (tiles, bytes)");
+    TORCH_CHECK(N >= 0 && tiles == (N + kTile - 1) / kTile && w.size(1) == Kp / 4 * step_bytes, "qlinear: packed w ",
+                w.sizes(), " does not match N=", N, ", K=", K, ", block=", block);
+    if (bits == 4) {
+      TORCH_CHECK(s.scalar_type() == at::kBFloat16 && s.is_contiguous() && s.numel() == tiles * nb * 128,
+                  "qlinear: int4 scales must be contiguous bfloat16 (tiles, groups, 2, 64)");
+    } else {
+      TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == tiles * kTile,
+                  "qlinear: int8 scales must be contiguous float32 (tiles * 64,)");
+    }
+    parts.push_back(Part{w.data_ptr<uint8_t>(), s.data_ptr(), N, ldo, tiles});
+    ldo += N;
+  }
+  auto out = torch::empty({M, ldo}, x.options());
+  if (M == 0 || ldo == 0) return out;
   // Per calling thread and reused: fresh buffers would page-fault on every call.
   static thread_local std::vector<int8_t> xq_buf;
   static thread_local std::vector<float> f_buf;
@@ -224,7 +258,7 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torc
   // Raw pointers: inside parallel_for the names xq_buf / f_buf would be each worker's own buffers.
   int8_t* xq = xq_buf.data();
   float *sx = f_buf.data(), *xsum = sx + M * nb, *xtot = xsum + M * nb;
-  Args a{w.data_ptr<uint8_t>(), scales.data_ptr(), xq, sx, xsum, xtot, Kp, block, nb, N};
+  Args a{xq, sx, xsum, xtot, Kp, block, nb, ldo};
   auto quantize = [&](int64_t r0, int64_t r1) {
     for (int64_t m = r0; m < r1; ++m) {
       if (x.scalar_type() == at::kFloat)
@@ -239,18 +273,24 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torc
   if (M >= 16) at::parallel_for(0, M, 8, quantize); else quantize(0, M);
   const int64_t tile_bytes = Kp / 4 * step_bytes;
   if (x.scalar_type() == at::kFloat) {
-    if (bits == 4) run<true>(a, M, tiles, tile_bytes, out.data_ptr<float>());
-    else run<false>(a, M, tiles, tile_bytes, out.data_ptr<float>());
+    if (bits == 4) run<true>(a, parts, M, tile_bytes, out.data_ptr<float>());
+    else run<false>(a, parts, M, tile_bytes, out.data_ptr<float>());
   } else {
     auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-    if (bits == 4) run<true>(a, M, tiles, tile_bytes, op);
-    else run<false>(a, M, tiles, tile_bytes, op);
+    if (bits == 4) run<true>(a, parts, M, tile_bytes, op);
+    else run<false>(a, parts, M, tile_bytes, op);
   }
   return out;
+}
+
+torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales, int64_t N,
+                      int64_t bits, int64_t block) {
+  return qlinear_many(x, {w}, {scales}, {N}, bits, block);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "x (M, K) float32/bf16 @ packed int8/int4 weights -> (M, N), int8 activations, VNNI");
+  m.def("qlinear_many", &qlinear_many, "x (M, K) @ several packed weights of one kind -> (M, sum N), x quantized once");
 }
