@@ -1,7 +1,7 @@
 """Quality and speed of weight-only int8/int4 (exaone.quant) against float32, bfloat16,
 transformers and llama.cpp.
 
-    python bench/bench_quant.py [--skip-quality] [--rows R1,R2,...] [--layers N] [--repeats 3] [--json out.json]
+    python bench/bench_quant.py [--skip-quality] [--rows R1,R2,...] [--layers N] [--repeats 3] [--rounds 1] [--json out.json]
     python bench/bench_quant.py --merge a.json b.json [--json all.json]   # one table from split runs
 
 Quality: logits of a tiny model, float32 vs quantized: relative error, top-1 agreement, mean
@@ -24,7 +24,9 @@ tok/s (--decode-tokens steps after a --context-token prompt, timed from the firs
 nothing stops at EOS), achieved GB/s = weight bytes x decode tok/s and its share of the read
 bandwidth measured in the same run, peak RSS, and ratios of each of our rows against its
 llama.cpp match (int8 : Q8_0, int4 : Q4_K_M, float32 and bfloat16 : F16) and its transformers match
-(same dtype; bfloat16 for int8/int4). Medians of --repeats. Every row runs in its own process (its
+(same dtype; bfloat16 for int8/int4). Medians of --repeats (with --rounds R, each row's process runs R
+times, rows taking turns, and the median pools all R x repeats runs: on a machine whose bandwidth
+drifts, the rows then share the drift instead of each getting its own moment). Every row runs in its own process (its
 peak RSS is its own, one model in memory at a time); the GGUF files live in a temporary directory
 that is deleted at the end; every implementation gets the same prompt token ids.
 This script only times and compares; it must not change the model.
@@ -304,19 +306,41 @@ def _speed(args) -> dict:
         if any(r in LLAMA for r in rows):
             prep = _run_child(args, "gguf", tmp)
             print(f"GGUF files written in {sum(prep.get('seconds', {}).values()):.0f} s", file=sys.stderr, flush=True)
-        for row in rows:
-            results.append(_run_child(args, row, tmp))
-            print(_row_line(results[-1]), file=sys.stderr, flush=True)
-            if args.json:  # rows so far survive a run that is stopped
-                with open(args.json + ".partial", "w") as f:
-                    json.dump(results, f, indent=2)
+        runs: dict[str, list[dict]] = {row: [] for row in rows}
+        for i in range(args.rounds):  # rows take turns, so a drifting machine hits all of them alike
+            for row in rows:
+                runs[row].append(_run_child(args, row, tmp))
+                print(("" if args.rounds == 1 else f"[round {i + 1}] ") + _row_line(runs[row][-1]),
+                      file=sys.stderr, flush=True)
+                if args.json:  # rows so far survive a run that is stopped
+                    with open(args.json + ".partial", "w") as f:
+                        json.dump(runs, f, indent=2)
+            if i + 1 < args.rounds:
+                more = bandwidth_gbs()
+                bw = {k: max(bw[k], more[k]) for k in bw}
+        results = [_pool(r) for r in runs.values()]
     more = bandwidth_gbs()  # again at the end: the best seen is the machine's, not the moment's
     config = _config(args)
     return dict(rows=results, gguf=prep, bandwidth_gbs={k: max(bw[k], more[k]) for k in bw},
                 commit=_commit(), cpu=_cpu_model(), threads=args.threads, layers=config.num_hidden_layers,
                 shape="tiny" if args.tiny else "EXAONE-4.0-1.2B", prompt_len=args.prompt_len, context=args.context,
-                decode_tokens=args.decode_tokens, repeats=args.repeats, engine=not args.no_engine,
-                seconds=time.perf_counter() - t0)
+                decode_tokens=args.decode_tokens, repeats=args.repeats * args.rounds, rounds=args.rounds,
+                engine=not args.no_engine, seconds=time.perf_counter() - t0)
+
+
+def _pool(runs: list[dict]) -> dict:
+    """One row's processes (one per round) as one result: medians over all their runs, the
+    largest peak RSS."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    out = dict(ok[0])
+    for k in ("prefill", "decode"):
+        out[k + "_runs"] = [x for r in ok for x in r[k + "_runs"]]
+        out[k + "_tps"] = statistics.median(out[k + "_runs"])
+    out["gb_per_s"] = out["weight_bytes"] * out["decode_tps"] / 1e9
+    out["peak_rss"] = max(r["peak_rss"] for r in ok)
+    return out
 
 
 def _row_line(r: dict) -> str:
@@ -381,6 +405,9 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=32, help="prompt length before the timed decode (default: %(default)s)")
     p.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per run (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per cell, median reported (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every row's process this many times, rows taking turns; the median pools all "
+                        "rounds' runs (default: %(default)s)")
     p.add_argument("--cell-budget", type=float, default=60.0,
                    help="no new run of a cell after this many seconds in it (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2)
@@ -397,8 +424,8 @@ def main(argv=None) -> int:
     unknown = [r for r in args.rows.split(",") if r not in ROWS]
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {','.join(ROWS)}")
-    if args.repeats < 1 or args.decode_tokens < 1 or args.prompt_len < 16 or args.context < 4:
-        p.error("need --repeats >= 1, --decode-tokens >= 1, --prompt-len >= 16, --context >= 4")
+    if args.repeats < 1 or args.rounds < 1 or args.decode_tokens < 1 or args.prompt_len < 16 or args.context < 4:
+        p.error("need --repeats >= 1, --rounds >= 1, --decode-tokens >= 1, --prompt-len >= 16, --context >= 4")
     if args._child:
         print(json.dumps(_gguf_child(args) if args._child == "gguf" else _speed_child(args)))
         return 0
