@@ -17,7 +17,8 @@
 // Each step broadcasts 4 bytes of each of MB rows of xq and accumulates MB x 4 vectors of 16
 // channels (outer-product form: each weight byte is loaded once per MB rows). Batch-1 decode
 // streams the weights once; prefill reuses each tile (in L2) for every block of MB rows.
-// Threads split the tiles (at::parallel_for, torch's thread count).
+// Threads split the tiles (at::parallel_for, torch's thread count). qlinear_many runs several
+// weights of one kind against one x (q/k/v, gate/up): x quantized once, all tiles as one sequence.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
