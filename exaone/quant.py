@@ -237,12 +237,8 @@ class QuantLinear(nn.Module):
         if self.backend == "vnni":  # int8 activations, float32 or bfloat16 in and out
             # The extension directly: its inputs were checked when packed, and this runs 211 times a token.
             x2 = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).reshape(-1, self.in_features)
-            if self.method == "int8":
-                y = qgemm.QGEMM.module.qlinear(x2.contiguous(), self.qweight, self.scales, self.out_features, 8,
-                                               qgemm.INT8_BLOCK)
-            else:
-                y = qgemm.QGEMM.module.qlinear(x2.contiguous(), self.qweight, self.scales_and_zeros,
-                                               self.out_features, 4, self.group_size)
+            scales, bits, block = self._vnni_args()
+            y = qgemm.QGEMM.module.qlinear(x2.contiguous(), self.qweight, scales, self.out_features, bits, block)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if y.dtype is x.dtype else y.to(x.dtype)
         shape = x.shape
@@ -265,13 +261,16 @@ class QuantLinear(nn.Module):
             return None
         x2 = x.reshape(-1, self.in_features)
         sizes = [m.out_features for m in linears]
-        if self.method == "int8":
-            y = qgemm.QGEMM.module.qlinear_many(x2.contiguous(), [m.qweight for m in linears],
-                                                [m.scales for m in linears], sizes, 8, qgemm.INT8_BLOCK)
-        else:
-            y = qgemm.QGEMM.module.qlinear_many(x2.contiguous(), [m.qweight for m in linears],
-                                                [m.scales_and_zeros for m in linears], sizes, 4, self.group_size)
+        _, bits, block = self._vnni_args()
+        y = qgemm.QGEMM.module.qlinear_many(x2.contiguous(), [m.qweight for m in linears],
+                                            [m._vnni_args()[0] for m in linears], sizes, bits, block)
         return list(y.view(*x.shape[:-1], sum(sizes)).split(sizes, -1))
+
+    def _vnni_args(self):
+        """(scales buffer, weight bits, activation block) that the VNNI kernel takes for this module."""
+        if self.method == "int8":
+            return self.scales, 8, qgemm.INT8_BLOCK
+        return self.scales_and_zeros, 4, self.group_size
 
     def weight_bytes(self) -> int:
         """Bytes a forward pass reads: the packed weights and their scales."""
