@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import hugepages
 from .config import Exaone4Config
 from .model import Exaone4ForCausalLM
 
@@ -143,7 +144,8 @@ def load(path=None, dtype=None, device=None, quantize=None) -> Exaone4ForCausalL
                 if not t.is_floating_point():
                     raise CheckpointError(f"{file}: tensor {n} has dtype {t.dtype}, expected a float type")
                 target = dtype or t.dtype
-                state[n] = t.to(device=device, dtype=target)
+                # CPU weights in 2 MB pages (decode streams them every token); elsewhere as asked
+                state[n] = hugepages.copy(t, target) if device.type == "cpu" else t.to(device=device, dtype=target)
                 del t
     model.load_state_dict(state, strict=not tied, assign=True)
     model.tie_weights()

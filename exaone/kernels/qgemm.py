@@ -8,13 +8,15 @@ The kernel quantizes x per call to int8 in blocks along K (32 for int8 weights, 
 Q8_0; the weight group for int4), one float scale per block, and multiplies bytes (vpdpbusd).
 `quantize_activations` is the same rounding in torch, so `reference_linear` is the float
 reference of what the kernel computes (tests). Layouts are documented in qgemm.cpp; the packing
-here is plain torch reshapes, and `unpack_*` invert it. This module must not decide when the
+here is plain torch reshapes, and `unpack_*` invert it. Packed weights are written straight into
+2 MB pages (exaone.hugepages): the kernel streams them once a token. This module must not decide when the
 kernel is used: exaone.quant does.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import hugepages
 from ._ext import BASE_FLAGS, Extension
 
 __all__ = ["available", "disabled_reason", "int8_linear", "int4_linear", "pack_int8", "pack_int4", "unpack_int8",
@@ -53,7 +55,9 @@ def pack_int8(q: torch.Tensor) -> torch.Tensor:
     kp = -(-k // INT8_BLOCK) * INT8_BLOCK
     u = torch.full((_tiles(n) * TILE, kp), 128, dtype=torch.uint8)  # padding: weight 0
     u[:n, :k] = (q.to(torch.int16) + 128).to(torch.uint8)
-    return u.view(-1, TILE, kp // 4, 4).permute(0, 2, 1, 3).reshape(_tiles(n), -1).contiguous()
+    out = hugepages.empty((_tiles(n), kp * TILE), torch.uint8)
+    out.view(-1, kp // 4, TILE, 4).copy_(u.view(-1, TILE, kp // 4, 4).permute(0, 2, 1, 3))
+    return out
 
 
 def unpack_int8(w: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -71,7 +75,9 @@ def pack_int4(c: torch.Tensor) -> torch.Tensor:
     u = torch.zeros(_tiles(n) * TILE, k, dtype=torch.uint8)
     u[:n] = c.to(torch.uint8)
     u = u.view(-1, 2, 2, 16, k // 4, 4).permute(0, 4, 1, 2, 3, 5)  # (tile, step, half, nibble, n, kk)
-    return (u[:, :, :, 0] | (u[:, :, :, 1] << 4)).reshape(_tiles(n), -1).contiguous()
+    out = hugepages.empty((_tiles(n), k * TILE // 2), torch.uint8)
+    torch.bitwise_or(u[:, :, :, 0], u[:, :, :, 1] << 4, out=out.view(_tiles(n), k // 4, 2, 16, 4))
+    return out
 
 
 def unpack_int4(w: torch.Tensor, n: int, k: int) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""exaone.hugepages: weights in 2 MB-aligned, MADV_HUGEPAGE-advised memory where the OS offers it;
+torch's allocator otherwise. Checked against the kernel's own record (/proc/self/smaps)."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import exaone
+from exaone import hugepages
+from exaone.quant import load_quantized, quantize_model, save_quantized
+from exaone.testing import make_random_checkpoint, tiny_config
+
+BIG = (1024, 1024)  # 4 MB of float32: two huge pages
+
+
+def _mapped(addr: int) -> bool:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(v, 16) for v in line.split(None, 1)[0].split("-"))
+            if lo <= addr < hi:
+                return True
+    return False
+
+
+def test_mode_follows_the_system_setting(monkeypatch):
+    monkeypatch.delenv("EXAONE_HUGEPAGES", raising=False)
+    mode = hugepages._thp_mode()
+    assert hugepages.enabled() == (mode in ("always", "madvise"))
+    monkeypatch.setenv("EXAONE_HUGEPAGES", "0")
+    assert not hugepages.enabled()
+
+
+@pytest.mark.skipif(not hugepages.enabled(), reason="this system offers no transparent huge pages")
+def test_big_tensor_is_aligned_advised_and_freed():
+    t = hugepages.empty(BIG, torch.float32)
+    assert t.shape == BIG and t.dtype is torch.float32 and t.is_contiguous()
+    assert t.data_ptr() % hugepages.HUGE == 0 and hugepages.in_huge_pages(t)
+    t.copy_(torch.arange(t.numel(), dtype=torch.float32).view(BIG))
+    assert t[1023, 1023].item() == t.numel() - 1
+    addr = t.data_ptr()
+    del t
+    gc.collect()
+    assert not _mapped(addr)  # the mapping goes with the tensor
+
+
+def test_small_tensors_and_the_switch_use_torch(monkeypatch):
+    small = hugepages.empty((100, 100), torch.float32)  # 40 KB: not worth a 2 MB page
+    assert not hugepages.in_huge_pages(small)
+    monkeypatch.setenv("EXAONE_HUGEPAGES", "0")
+    t = hugepages.empty(BIG, torch.bfloat16)
+    assert t.shape == BIG and t.dtype is torch.bfloat16 and not hugepages.in_huge_pages(t)
+    src = torch.randn(BIG)
+    assert hugepages.copy(src) is src  # nothing to change: no copy
+
+
+def test_copy_keeps_values_and_converts():
+    src = torch.randn(BIG)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = hugepages.copy(src, dtype)
+        assert out.dtype is dtype and torch.equal(out, src.to(dtype))
+        assert hugepages.in_huge_pages(out) == hugepages.enabled()
+    strided = torch.randn(1024, 2048)[:, :1024]
+    out = hugepages.copy(strided)
+    assert torch.equal(out, strided) and out.is_contiguous() == hugepages.enabled()
+
+
+@pytest.mark.skipif(not hugepages.enabled(), reason="this system offers no transparent huge pages")
+def test_loaded_and_quantized_weights_live_in_huge_pages(tmp_path):
+    # a vocabulary large enough that the tables span huge pages: 8192 x 256 float32 = 8 MB
+    config = tiny_config(vocab_size=8192, hidden_size=256, intermediate_size=512, head_dim=64)
+    path = make_random_checkpoint(tmp_path / "ckpt", config, tokenizer=False)
+    model = exaone.load(path)
+    assert hugepages.in_huge_pages(model.model.embed_tokens.weight)
+    assert hugepages.in_huge_pages(model.lm_head.weight)
+    assert not hugepages.in_huge_pages(model.model.norm.weight)  # 1 KB
+    ids = torch.arange(1, 40)[None]
+    with torch.inference_mode():
+        ref = model(ids)
+    quantize_model(model, "int8", lm_head="int8")  # lm_head: 8192 x 256 int8 = 2 MB packed
+    assert hugepages.in_huge_pages(model.lm_head.qweight)
+    out = save_quantized(model, tmp_path / "q")  # safetensors writes a tensor that is a view of a mapping
+    again = load_quantized(out)
+    assert hugepages.in_huge_pages(again.lm_head.qweight)
+    with torch.inference_mode():
+        a, b = model(ids), again(ids)
+    assert torch.equal(a, b)
+    assert (a - ref).norm() / ref.norm() < 0.05
