@@ -4,15 +4,21 @@ A decode step at batch 1 reads ~0.7-5 GB of weights in address order; on 4 KB pa
 page walk every 4 KB, and the hardware prefetcher stops at every page boundary. Linux's
 transparent huge pages (THP) back a 2 MB-aligned range with one page when the range is asked for
 (`madvise(MADV_HUGEPAGE)`, the mode most distributions ship: `[madvise]` in
-/sys/kernel/mm/transparent_hugepage/enabled) and nobody has touched it yet. torch's allocator does
-neither, so weights that should live long are allocated here instead: an anonymous mapping with a
-2 MB-aligned start, its whole 2 MB stretches advised before the first write, the tail in 4 KB pages
-(a partial huge page would be memory for nothing). Measured on the 1.2B shape, the linears at one
-row streamed int4 +7%, int8 +6%, bf16 +4%, fp32 +0% (docs/kernels.md, "Huge pages").
+/sys/kernel/mm/transparent_hugepage/enabled) before anything touches it. torch's allocator does
+neither, so weight tensors that are made anyway are allocated here instead: an anonymous mapping
+with a 2 MB-aligned start, its whole 2 MB stretches advised before the first write, the tail in
+4 KB pages (a partial huge page would be memory for nothing).
+
+Where: the packed int8/int4 weights (exaone.kernels.qgemm writes them here directly) and weights
+converted at load (`exaone.load(..., dtype=...)` on another stored dtype). Not tensors loaded as
+stored: those are views of the safetensors file's mapping (no copy, page cache shared between
+processes), which an anonymous copy would double while loading. Measured on the 1.2B shape (the
+linears at one row, copies in 2 MB pages against the 4 KB originals, one process, interleaved):
+int4 +7%, int8 +6%, bf16 +4%, fp32 +0% (docs/kernels.md, "Huge pages").
 
 Only allocation: a tensor from `empty`/`copy` is an ordinary CPU tensor (its storage a view of
-the mapping, freed with it). Small tensors, non-Linux systems, THP mode "never", and
-EXAONE_HUGEPAGES=0 get torch's allocator.
+the mapping, unmapped when the last view goes). Tensors under 2 MB, systems without THP, THP mode
+"never", and EXAONE_HUGEPAGES=0 get torch's allocator.
 """
 from __future__ import annotations
 

@@ -144,8 +144,10 @@ def load(path=None, dtype=None, device=None, quantize=None) -> Exaone4ForCausalL
                 if not t.is_floating_point():
                     raise CheckpointError(f"{file}: tensor {n} has dtype {t.dtype}, expected a float type")
                 target = dtype or t.dtype
-                # CPU weights in 2 MB pages (decode streams them every token); elsewhere as asked
-                state[n] = hugepages.copy(t, target) if device.type == "cpu" else t.to(device=device, dtype=target)
+                if device.type == "cpu" and target is not t.dtype:  # a new copy anyway: in 2 MB pages
+                    state[n] = hugepages.copy(t, target)
+                else:  # as stored: a view of the file's mapping (no copy, shared page cache) or moved
+                    state[n] = t.to(device=device, dtype=target)
                 del t
     model.load_state_dict(state, strict=not tied, assign=True)
     model.tie_weights()

@@ -68,13 +68,16 @@ def test_copy_keeps_values_and_converts():
 
 @pytest.mark.skipif(not hugepages.enabled(), reason="this system offers no transparent huge pages")
 def test_loaded_and_quantized_weights_live_in_huge_pages(tmp_path):
-    # a vocabulary large enough that the tables span huge pages: 8192 x 256 float32 = 8 MB
+    # a vocabulary large enough that the tables span huge pages: 8192 x 256 bfloat16 = 4 MB
     config = tiny_config(vocab_size=8192, hidden_size=256, intermediate_size=512, head_dim=64)
     path = make_random_checkpoint(tmp_path / "ckpt", config, tokenizer=False)
-    model = exaone.load(path)
+    as_stored = exaone.load(path)  # float32 as stored: views of the file's mapping, no copy
+    assert not hugepages.in_huge_pages(as_stored.model.embed_tokens.weight)
+    model = exaone.load(path, dtype="bfloat16")  # converted: the new tensors go to 2 MB pages
     assert hugepages.in_huge_pages(model.model.embed_tokens.weight)
     assert hugepages.in_huge_pages(model.lm_head.weight)
-    assert not hugepages.in_huge_pages(model.model.norm.weight)  # 1 KB
+    assert not hugepages.in_huge_pages(model.model.norm.weight)  # 512 bytes
+    assert torch.equal(model.lm_head.weight, as_stored.lm_head.weight.bfloat16())
     ids = torch.arange(1, 40)[None]
     with torch.inference_mode():
         ref = model(ids)

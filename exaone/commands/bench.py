@@ -55,7 +55,6 @@ def build_model(config, dtype, seed: int = 0):
     """Our model with weights ~ N(0, 0.02) (norms 1), allocated directly in `dtype`."""
     import torch
 
-    from .. import hugepages
     from ..model import Exaone4ForCausalLM
 
     with torch.device("meta"):
@@ -67,7 +66,7 @@ def build_model(config, dtype, seed: int = 0):
         if name.endswith("norm.weight"):
             state[name] = torch.ones(p.shape, dtype=dtype)
             continue
-        t = state[name] = hugepages.empty(p.shape, dtype)  # where load() puts weights
+        t = state[name] = torch.empty(p.shape, dtype=dtype)
         flat = t.view(-1)
         for s in range(0, flat.numel(), POOL):
             n = min(POOL, flat.numel() - s)
