@@ -101,3 +101,23 @@ def in_huge_pages(t: torch.Tensor) -> bool:
     except OSError:
         pass
     return False
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def trim() -> None:
+    """Hand the C heap's free memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Quantizing frees many tens-of-MB temporaries; glibc keeps them in its heap (its mmap threshold
+    rises to 32 MB as big blocks are freed), and with the packed weights no longer carved from that
+    heap it stayed there: quantizing the 1.2B shape to int8 left RSS at 3.25 GB, 1.93 after a trim."""
+    f = _malloc_trim()
+    if f is not None:
+        f(0)

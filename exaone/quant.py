@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import hugepages
 from .kernels import qgemm
 
 METHODS = ("int8", "int4")
@@ -352,6 +353,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, lm_head
         if isinstance(lin, nn.Linear):
             m = head if name == "lm_head" else method
             setattr(parent, name, QuantLinear.from_linear(lin, m, group_size, act_dtype, backend))
+            hugepages.trim()  # the float weight and the temporaries: back to the OS, not kept in the heap
     model.quantization_config = {"quant_method": f"exaone-{method}", "group_size": group_size if method == "int4" else None,
                                  "lm_head": head or False, "act_dtype": str(act_dtype).replace("torch.", "")}
     return model
