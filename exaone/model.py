@@ -8,6 +8,8 @@ This module imports only torch, the config, the cache and the optional kernels; 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -236,7 +238,7 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def project(x: torch.Tensor, linears) -> list[torch.Tensor]:
+def project(x: torch.Tensor, linears) -> Sequence[torch.Tensor]:
     """Each linear applied to x: one call for all where their class can fuse them (`forward_many`:
     quantized linears quantize x once and split one pass over all their weights), else one each."""
     many = getattr(linears[0], "forward_many", None)

@@ -252,7 +252,7 @@ class QuantLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
-    def forward_many(self, x: torch.Tensor, linears) -> list[torch.Tensor] | None:
+    def forward_many(self, x: torch.Tensor, linears) -> tuple[torch.Tensor, ...] | None:
         """[m(x) for m in linears] as one kernel call (x quantized once, one pass over all the
         weights, outputs as column slices of one tensor) when they are all VNNI QuantLinears of one
         kind (method, group, in_features); None otherwise (model.project then calls each)."""

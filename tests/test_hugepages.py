@@ -90,3 +90,16 @@ def test_loaded_and_quantized_weights_live_in_huge_pages(tmp_path):
         a, b = model(ids), again(ids)
     assert torch.equal(a, b)
     assert (a - ref).norm() / ref.norm() < 0.05
+
+
+def test_quantizer_hands_freed_memory_back_after_each_linear(monkeypatch):
+    from exaone.model import Exaone4ForCausalLM
+
+    calls = []
+    monkeypatch.setattr(hugepages, "trim", lambda: calls.append(1))
+    config = tiny_config(hidden_size=128, intermediate_size=256, head_dim=32)
+    model = quantize_model(Exaone4ForCausalLM(config), "int8", lm_head="int8")
+    assert len(calls) == 7 * config.num_hidden_layers + 1  # every decoder linear and lm_head
+    monkeypatch.undo()
+    hugepages.trim()  # the real one: harmless at any time (a no-op without glibc)
+    assert model.quantization_config["quant_method"] == "exaone-int8"

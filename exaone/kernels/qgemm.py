@@ -9,8 +9,8 @@ Q8_0; the weight group for int4), one float scale per block, and multiplies byte
 `quantize_activations` is the same rounding in torch, so `reference_linear` is the float
 reference of what the kernel computes (tests). Layouts are documented in qgemm.cpp; the packing
 here is plain torch reshapes, and `unpack_*` invert it. Packed weights are written straight into
-2 MB pages (exaone.hugepages): the kernel streams them once a token. This module must not decide when the
-kernel is used: exaone.quant does.
+2 MB pages (exaone.hugepages): the kernel streams them once a token. This module must not decide
+when the kernel is used: exaone.quant does.
 """
 from __future__ import annotations
 
