@@ -162,18 +162,11 @@ class KVCache:
         return sdpa(q, keys, vals, mask)
 
 
-# bf16 rows x keys beyond which torch's two GEMMs beat the kernel: near 4096 the two are even (1 x
-# 4096: 0.37-0.43 vs 0.34 ms, 16 x 256: 0.38-0.40 vs 0.35-0.38; 16 x 512: 2.5 vs 1.8 ms); fp32:
-# the kernel measured faster everywhere (python bench/bench_attention.py, docs/kernels.md).
-_KERNEL_ATTENTION_BF16_MAX = 4096
-
-
 def _kernel_attention_ok(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """exaone.kernels' decode attention, when something else built it (attention never builds it)."""
     D = q.shape[-1]
-    return (kernels.GEMM.module is not None and q.device.type == "cpu" and q.dtype is keys.dtype
-            and (q.dtype is torch.float32 or (q.dtype is torch.bfloat16
-                                              and q.shape[0] * keys.shape[2] <= _KERNEL_ATTENTION_BF16_MAX))
+    return (kernels.GEMM.module is not None and q.is_cpu and q.dtype is keys.dtype
+            and q.dtype in (torch.float32, torch.bfloat16)
             and (D in (32, 64) or D % 128 == 0) and not torch.compiler.is_compiling())
 
 
