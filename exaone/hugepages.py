@@ -16,8 +16,8 @@ processes), which an anonymous copy would double while loading. Measured on the 
 linears at one row, copies in 2 MB pages against the 4 KB originals, one process, interleaved):
 int4 +7%, int8 +6%, bf16 +4%, fp32 +0% (docs/kernels.md, "Huge pages").
 
-Only allocation: a tensor from `empty`/`copy` is an ordinary CPU tensor (its storage a view of
-the mapping, unmapped when the last view goes). Tensors under 2 MB, systems without THP, THP mode
+Only allocation: a tensor from `empty`/`copy` is an ordinary CPU tensor (its storage exactly its
+bytes of the mapping, unmapped when the last tensor on it goes). Tensors under 2 MB, systems without THP, THP mode
 "never", and EXAONE_HUGEPAGES=0 get torch's allocator.
 """
 from __future__ import annotations
@@ -64,13 +64,14 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     # The kernel picks the mapping's start (4 KB-aligned); map HUGE more and start at the first 2 MB
     # boundary. The slack before it is never touched, so it never gets memory.
     m = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    whole = torch.frombuffer(m, dtype=torch.uint8)  # holds the mapping; unmapped when freed
-    off = -whole.data_ptr() % HUGE
+    off = -torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr() % HUGE
     try:
         m.madvise(mmap.MADV_HUGEPAGE, off, nbytes // HUGE * HUGE)
     except OSError:  # a kernel without THP for anonymous memory: still correct, 4 KB pages
         pass
-    return whole[off:off + nbytes].view(dtype).view(shape)
+    # A storage of exactly nbytes (what safetensors and copies see) that holds the mapping: it is
+    # unmapped when the last tensor on it goes.
+    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=off).view(dtype).view(shape)
 
 
 def copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -37,6 +37,7 @@ def test_big_tensor_is_aligned_advised_and_freed():
     t = hugepages.empty(BIG, torch.float32)
     assert t.shape == BIG and t.dtype is torch.float32 and t.is_contiguous()
     assert t.data_ptr() % hugepages.HUGE == 0 and hugepages.in_huge_pages(t)
+    assert t.untyped_storage().nbytes() == t.numel() * 4  # no slack in the storage (copies, safetensors)
     t.copy_(torch.arange(t.numel(), dtype=torch.float32).view(BIG))
     assert t[1023, 1023].item() == t.numel() - 1
     addr = t.data_ptr()
