@@ -553,10 +553,11 @@ torch::Tensor argmax(const torch::Tensor& x) {
 // accumulates all rep heads; k and v are read once. Replaces ~8 small torch ops a layer.
 
 // Rows of k and v prefetched ahead of the one in use (0: leave it to the hardware). In decode they
-// are cold, and each head's rows are a short stream the prefetchers ramp up to late: bf16, 8 kv
-// heads of 64, after a 128 MB sweep, 400 keys 103 -> 57 us, 4000 keys 1103 -> 395 us (fp32 861 ->
-// 447), means over 30 k/v sets each after a 128 MB read; 16 and 32 rows measured alike; 48 keys
-// 41 -> 35 us. Inside int4 engine steps: 400 keys 98 -> 48 us a call, 40 keys 25 -> 20 us.
+// are cold, and each head's rows are a short stream the prefetchers ramp up to late. 8 kv heads of
+// 64, each call after a 128 MB read (means over 30 k/v sets): bf16 400 keys 103 -> 57 us, 4000 keys
+// 1103 -> 395 us, 48 keys 41 -> 35 us; fp32 4000 keys 861 -> 447 us; 16 and 32 rows measured
+// alike. Inside int4 engine steps: 400 keys 98 -> 48 us a call, 40 keys 25 -> 20 us. Prefetches
+// never fault, so the rows past the end need no check.
 #ifndef EXAONE_ATTN_AHEAD
 #define EXAONE_ATTN_AHEAD 16
 #endif
