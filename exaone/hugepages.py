@@ -5,16 +5,17 @@ page walk every 4 KB, and the hardware prefetcher stops at every page boundary. 
 transparent huge pages (THP) back a 2 MB-aligned range with one page when the range is asked for
 (`madvise(MADV_HUGEPAGE)`, the mode most distributions ship: `[madvise]` in
 /sys/kernel/mm/transparent_hugepage/enabled) before anything touches it. torch's allocator does
-neither, so weight tensors that are made anyway are allocated here instead: an anonymous mapping
+neither, so weight tensors are allocated here instead: an anonymous mapping
 with a 2 MB-aligned start, its whole 2 MB stretches advised before the first write, the tail in
 4 KB pages (a partial huge page would be memory for nothing).
 
-Where: the packed int8/int4 weights (exaone.kernels.qgemm writes them here directly) and weights
-converted at load (`exaone.load(..., dtype=...)` on another stored dtype). Not tensors loaded as
-stored: those are views of the safetensors file's mapping (no copy, page cache shared between
-processes), which an anonymous copy would double while loading. Measured on the 1.2B shape (the
-linears at one row, copies in 2 MB pages against the 4 KB originals, one process, interleaved):
-int4 +7%, int8 +6%, bf16 +4%, fp32 +0% (docs/kernels.md, "Huge pages").
+Where: every weight of 2 MB or more. `exaone.load` reads a checkpoint's tensors from the file
+into `empty` ones (converted ones: `copy`), the packed int8/int4 weights are written into them
+(exaone.kernels.qgemm), the benchmarks' random weights are made in them. Measured on the 1.2B
+shape, whole engine steps against the same weights in 4 KB pages, paired in one process: fp32
++3 %, bf16 +12 %; the linears alone at a fast moment of the host, fp32 +6 % (docs/kernels.md,
+"Huge pages"). The cost is at allocation: the first touch may wait while the kernel compacts
+memory into free 2 MB pages (measured 0.05-1.7 s a GiB here).
 
 Only allocation: a tensor from `empty`/`copy` is an ordinary CPU tensor (its storage exactly its
 bytes of the mapping, unmapped when the last tensor on it goes). Tensors under 2 MB, systems without THP, THP mode

@@ -1,11 +1,13 @@
 """Checkpoint directory <-> model: config.json + model.safetensors (or shards + index).
 
-The model is built on the meta device and each tensor is read from the memory-mapped file
-straight into its parameter, so weights are never held twice. Every mismatch fails loudly with
+The model is built on the meta device and each tensor is read from the file straight into its
+parameter (into 2 MB pages where the OS offers them, else as a view of the file's mapping), so
+weights are never held twice. Every mismatch fails loudly with
 file and tensor names. This module must not know about tokenizers' internals or generation.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -66,27 +68,87 @@ def _shard_map(path: Path) -> dict[str, Path]:
     single = path / SINGLE
     if not single.is_file():
         raise FileNotFoundError(f"no weights in {path}: expected {SINGLE} or {INDEX}")
-    from safetensors import safe_open
-
-    with _open(single, safe_open) as f:
+    with _open(single) as f:
         return {name: single for name in f.keys()}
 
 
-class _open:
-    """safe_open with errors that name the file (corrupt header, truncated data...)."""
+# safetensors' dtype names -> torch, for the tensors read straight into 2 MB pages.
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+              "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
 
-    def __init__(self, file: Path, safe_open):
+
+class _open:
+    """safe_open with errors that name the file (corrupt header, truncated data...), and
+    `tensor(name)`: the tensor as stored, read into 2 MB pages where `hugepages` offers them."""
+
+    def __init__(self, file: Path):
+        from safetensors import safe_open
+
         self.file = file
+        self._header: dict | None = None
+        self._base = 0
         try:
             self.handle = safe_open(str(file), framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
 
     def __enter__(self):
-        return self.handle
+        return self
 
     def __exit__(self, *exc):
         return False
+
+    def keys(self):
+        return self.handle.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handle.get_slice(name).get_shape())
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, as stored or converted to `dtype`, on the CPU.
+
+        As stored, in 2 MB pages (`hugepages.empty`) when they are on and it spans one: its bytes
+        are read from the file into them, so the weights are in memory once (the page cache is
+        not the process's) and a decode step streams them with fewer TLB misses. Otherwise (small
+        tensors, EXAONE_HUGEPAGES=0) a view of the file's mapping: no copy, pages shared with
+        other processes. Converted: a new tensor anyway, in 2 MB pages where they are on."""
+        info = self._info(name)
+        stored = _ST_DTYPES.get(info.get("dtype")) if info else None
+        if dtype is not None and dtype is not stored:
+            t = self.handle.get_tensor(name)
+            return hugepages.copy(t, dtype) if dtype is not t.dtype else t
+        dtype = stored
+        if dtype is None or not hugepages.enabled():
+            return self.handle.get_tensor(name)
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        if end - begin != torch.Size(shape).numel() * dtype.itemsize or end - begin < hugepages.HUGE:
+            return self.handle.get_tensor(name)  # small, or let safetensors report the inconsistency
+        out = hugepages.empty(shape, dtype)
+        view = memoryview((ctypes.c_char * (end - begin)).from_address(out.data_ptr())).cast("B")
+        with open(self.file, "rb") as fh:
+            fh.seek(self._base + begin)
+            done = 0
+            while done < len(view):
+                n = fh.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"{self.file}: tensor {name} is truncated "
+                                          f"({done} of {len(view)} bytes)")
+                done += n
+        return out
+
+    def _info(self, name: str) -> dict | None:
+        """The header entry of `name` (dtype, shape, data_offsets); the header is read once."""
+        if self._header is None:
+            try:
+                with open(self.file, "rb") as fh:
+                    size = int.from_bytes(fh.read(8), "little")
+                    self._header = json.loads(fh.read(size))
+                self._base = 8 + size
+            except (OSError, ValueError):
+                self._header = {}  # safe_open read it; whatever this misses, get_tensor handles
+        info = self._header.get(name)
+        return info if isinstance(info, dict) and "data_offsets" in info else None
 
 
 def load(path=None, dtype=None, device=None, quantize=None) -> Exaone4ForCausalLM:
@@ -96,8 +158,6 @@ def load(path=None, dtype=None, device=None, quantize=None) -> Exaone4ForCausalL
     quantize "int8" / "int4": weight-only quantize the decoder linears after loading (exaone.quant,
     CPU); a directory written by exaone.quant.save_quantized loads quantized as it is.
     """
-    from safetensors import safe_open
-
     path = Path(path) if path is not None else default_model_path()
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
@@ -129,25 +189,21 @@ def load(path=None, dtype=None, device=None, quantize=None) -> Exaone4ForCausalL
     for n in names:
         by_file.setdefault(files[n], []).append(n)
     for file, tensor_names in by_file.items():
-        with _open(file, safe_open) as f:
+        with _open(file) as f:
             for n in tensor_names:
                 want = tuple(expected[n].shape)
                 try:
-                    got = tuple(f.get_slice(n).get_shape())
+                    got = f.shape(n)
                     if got != want:
                         raise CheckpointError(f"{file}: tensor {n} has shape {list(got)}, the config needs {list(want)}")
-                    t = f.get_tensor(n)
+                    t = f.tensor(n, dtype if device.type == "cpu" else None)
                 except CheckpointError:
                     raise
                 except Exception as e:
                     raise CheckpointError(f"{file}: cannot read tensor {n} ({e})") from None
                 if not t.is_floating_point():
                     raise CheckpointError(f"{file}: tensor {n} has dtype {t.dtype}, expected a float type")
-                target = dtype or t.dtype
-                if device.type == "cpu" and target is not t.dtype:  # a new copy anyway: in 2 MB pages
-                    state[n] = hugepages.copy(t, target)
-                else:  # as stored: a view of the file's mapping (no copy, shared page cache) or moved
-                    state[n] = t.to(device=device, dtype=target)
+                state[n] = t.to(device=device, dtype=dtype or t.dtype)  # no-op on the CPU
                 del t
     model.load_state_dict(state, strict=not tied, assign=True)
     model.tie_weights()

@@ -404,10 +404,8 @@ def save_quantized(model: nn.Module, path) -> Path:
 def load_quantized(path, dtype=None) -> nn.Module:
     """Load a directory written by save_quantized; `dtype` applies to the float tensors (norms,
     embedding, an unquantized lm_head). Mismatched tensor names fail loudly."""
-    from safetensors import safe_open
-
     from .config import Exaone4Config
-    from .loader import CheckpointError, parse_dtype
+    from .loader import CheckpointError, _open, parse_dtype
     from .model import Exaone4ForCausalLM
 
     path = Path(path)
@@ -426,7 +424,8 @@ def load_quantized(path, dtype=None) -> nn.Module:
         setattr(parent, name, QuantLinear(lin.in_features, lin.out_features, head if name == "lm_head" else method,
                                           qc.get("group_size") or 128, act_dtype, device="meta"))
     file = path / "model.safetensors"
-    with safe_open(str(file), framework="pt", device="cpu") as f:
+    quant = {m: n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    with _open(file) as f:
         names = set(f.keys())
         expected = set(model.state_dict())
         if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
@@ -434,10 +433,10 @@ def load_quantized(path, dtype=None) -> nn.Module:
         if names != expected:
             raise CheckpointError(f"{file}: tensors do not match the config; missing "
                                   f"{sorted(expected - names)[:10]}, unexpected {sorted(names - expected)[:10]}")
-        state = {n: f.get_tensor(n) for n in names}
-    quant = {m: n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    float_state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()
-                   if not any(k.startswith(f"{n}.") for n in quant.values())}
+        packed = {n for n in names if any(n.startswith(f"{q}.") for q in quant.values())}
+        # packed weights: views of the file (repacked below); float ones read as the loader does
+        state = {n: f.handle.get_tensor(n) if n in packed else f.tensor(n, dtype) for n in names}
+    float_state = {k: v for k, v in state.items() if k not in packed}
     model.load_state_dict(float_state, strict=False, assign=True)
     for m, n in quant.items():
         for key, want in m.portable_shapes().items():

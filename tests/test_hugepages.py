@@ -72,8 +72,9 @@ def test_loaded_and_quantized_weights_live_in_huge_pages(tmp_path):
     # a vocabulary large enough that the tables span huge pages: 8192 x 256 bfloat16 = 4 MB
     config = tiny_config(vocab_size=8192, hidden_size=256, intermediate_size=512, head_dim=64)
     path = make_random_checkpoint(tmp_path / "ckpt", config, tokenizer=False)
-    as_stored = exaone.load(path)  # float32 as stored: views of the file's mapping, no copy
-    assert not hugepages.in_huge_pages(as_stored.model.embed_tokens.weight)
+    as_stored = exaone.load(path)  # float32 as stored: read from the file into 2 MB pages
+    assert hugepages.in_huge_pages(as_stored.model.embed_tokens.weight)
+    assert not hugepages.in_huge_pages(as_stored.model.norm.weight)  # 1 KB: a view of the file
     model = exaone.load(path, dtype="bfloat16")  # converted: the new tensors go to 2 MB pages
     assert hugepages.in_huge_pages(model.model.embed_tokens.weight)
     assert hugepages.in_huge_pages(model.lm_head.weight)
@@ -104,3 +105,59 @@ def test_quantizer_hands_freed_memory_back_after_each_linear(monkeypatch):
     monkeypatch.undo()
     hugepages.trim()  # the real one: harmless at any time (a no-op without glibc)
     assert model.quantization_config["quant_method"] == "exaone-int8"
+
+
+@pytest.mark.skipif(not hugepages.enabled(), reason="this system offers no transparent huge pages")
+def test_loading_reads_the_files_bytes_exactly_and_off_switch_keeps_file_views(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    config = tiny_config(vocab_size=8192, hidden_size=256, intermediate_size=512, head_dim=64)
+    path = make_random_checkpoint(tmp_path / "ckpt", config, tokenizer=False, dtype=torch.bfloat16)
+    stored = load_file(str(path / "model.safetensors"))
+    model = exaone.load(path)
+    for name, t in model.state_dict().items():
+        assert t.dtype is torch.bfloat16 and torch.equal(t, stored[name]), name
+    monkeypatch.setenv("EXAONE_HUGEPAGES", "0")
+    viewed = exaone.load(path)
+    assert not hugepages.in_huge_pages(viewed.model.embed_tokens.weight)
+    assert torch.equal(viewed.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+@pytest.mark.skipif(not hugepages.enabled(), reason="this system offers no transparent huge pages")
+def test_a_file_cut_short_after_opening_names_the_file_and_tensor(tmp_path):
+    from exaone.loader import CheckpointError, _open
+
+    config = tiny_config(vocab_size=8192, hidden_size=256, intermediate_size=512, head_dim=64)
+    path = make_random_checkpoint(tmp_path / "ckpt", config, tokenizer=False)
+    file = path / "model.safetensors"
+    with _open(file) as f:
+        # the biggest tensor (read into 2 MB pages, not a view of the mapping), cut in its middle
+        name = max(f.keys(), key=lambda n: f._info(n)["data_offsets"][1] - f._info(n)["data_offsets"][0])
+        begin, end = f._info(name)["data_offsets"]
+        with open(file, "r+b") as fh:
+            fh.truncate(f._base + (begin + end) // 2)
+        with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {name} is truncated"):
+            f.tensor(name)
+
+
+def test_loading_holds_the_weights_once(tmp_path):
+    """Peak RSS of a fresh process while it loads ~64 MB of weights: once, not the file's pages
+    plus a copy of them (what copying from the file's mapping would cost)."""
+    import json
+    import subprocess
+    import sys
+
+    config = tiny_config(vocab_size=32768, hidden_size=512, intermediate_size=1024, head_dim=64)
+    path = make_random_checkpoint(tmp_path / "ckpt", config, tokenizer=False)
+    size = (path / "model.safetensors").stat().st_size
+    code = (
+        "import json, sys, torch, exaone, exaone.loader, exaone.model, safetensors.torch\n"
+        "def hwm():\n"
+        "    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+        "before = hwm()\n"
+        f"m = exaone.load({str(path)!r})\n"
+        "total = sum(float(p.float().sum()) for p in m.parameters())\n"  # touch every weight
+        "print(json.dumps({'grew': hwm() - before}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grew = json.loads(out.stdout.strip().splitlines()[-1])["grew"]
+    assert size > 60e6 and grew < 1.5 * size, (grew, size)

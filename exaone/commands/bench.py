@@ -52,9 +52,11 @@ def bench_config(layers: int | None):
 
 
 def build_model(config, dtype, seed: int = 0):
-    """Our model with weights ~ N(0, 0.02) (norms 1), allocated directly in `dtype`."""
+    """Our model with weights ~ N(0, 0.02) (norms 1), allocated directly in `dtype`, where
+    `exaone.load` puts a checkpoint's (`hugepages.empty`: 2 MB pages where the OS offers them)."""
     import torch
 
+    from .. import hugepages
     from ..model import Exaone4ForCausalLM
 
     with torch.device("meta"):
@@ -66,7 +68,7 @@ def build_model(config, dtype, seed: int = 0):
         if name.endswith("norm.weight"):
             state[name] = torch.ones(p.shape, dtype=dtype)
             continue
-        t = state[name] = torch.empty(p.shape, dtype=dtype)
+        t = state[name] = hugepages.empty(p.shape, dtype)
         flat = t.view(-1)
         for s in range(0, flat.numel(), POOL):
             n = min(POOL, flat.numel() - s)
