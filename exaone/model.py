@@ -34,12 +34,11 @@ _KERNEL_MIN_WEIGHTS = 1 << 22
 # is tuned for one row or many: on Intel its 1-2 row GEMV is as fast, from 32 rows its GEMM; on AMD
 # Zen 5 our kernel streams a single row at 2.6x MKL's speed).
 _F32_KERNEL_ROWS = 31
-# bf16 on CPUs with native bf16 (avx512_bf16 / AMX): oneDNN's GEMM wins from a few rows, the
-# kernel's memory-bound loop up to _NATIVE_BF16_KERNEL_ROWS (1.5-2x at one row), and for lm_head-sized
-# weights (>= _BIG_WEIGHT elements) up to _NATIVE_BF16_BIG_ROWS.
-_NATIVE_BF16_KERNEL_ROWS = 2
-_NATIVE_BF16_BIG_ROWS = 8
-_BIG_WEIGHT = 1 << 24
+# bf16 on CPUs with native bf16 (avx512_bf16 / AMX): the kernel up to _NATIVE_BF16_KERNEL_ROWS rows
+# (1-2: its memory-bound loop, 1.5-2x oneDNN; 3-8: its vdpbf16ps tiles), oneDNN's GEMM from there.
+# Whole 1.2B decode steps' linears, weights cold (Zen 5): 4 rows 80 vs 160 ms, 8 rows 111 vs 196 ms,
+# 16 rows 150 vs 135 ms (docs/kernels.md).
+_NATIVE_BF16_KERNEL_ROWS = 8
 # Weights under this many elements keep torch's paths: a call costs microseconds either way, and a
 # model made only of them (the demo model: 192 x 192) should not pay the kernel's one-time build.
 _KERNEL_MIN_ELEMENTS = 1 << 20
@@ -58,7 +57,7 @@ class Linear(nn.Linear):
 
     float32: 1..31 rows (decode) through exaone.kernels' AVX-512 GEMM; more rows through MKL's
     GEMM on Intel CPUs, oneDNN's on others.
-    bfloat16: on CPUs with native bf16 GEMM, 1-2 rows (lm_head: up to 8) through exaone.kernels;
+    bfloat16: on CPUs with native bf16 GEMM, 1-8 rows through exaone.kernels;
     without it, up to 127 rows through exaone.kernels (bf16 weights widened to fp32 in the kernel;
     torch.mv for one row when it is not built), long chunks through an fp32 GEMM on the weight
     upcast slice by slice.
@@ -83,8 +82,7 @@ class Linear(nn.Linear):
         if x.dtype is not torch.bfloat16:
             return F.linear(x, w)
         if not _SLOW_BF16_GEMM:
-            if (rows <= _NATIVE_BF16_KERNEL_ROWS or (rows <= _NATIVE_BF16_BIG_ROWS and w.numel() >= _BIG_WEIGHT)) \
-                    and self._kernel_ok(w):
+            if rows <= _NATIVE_BF16_KERNEL_ROWS and self._kernel_ok(w):
                 return _kernel(kernels.GEMM.module.bf16_linear, x, w)
             return F.linear(x, w)
         if rows < _UPCAST_ROWS:

@@ -231,9 +231,8 @@ def test_linear_routes_f32_rows(kern, rows):
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 63, 64, 127, 128, 200])
 def test_linear_routes_bf16_rows(kern, monkeypatch, slow_bf16, rows, n, k):
     """Without native bf16 (slow_bf16) the kernel takes up to 127 rows, an upcast GEMM the rest;
-    with it, oneDNN's GEMM takes all but 1-2 rows (up to 8 for lm_head-sized weights)."""
+    with it, the kernel takes 1-8 rows and oneDNN's GEMM the rest."""
     monkeypatch.setattr(model, "_SLOW_BF16_GEMM", slow_bf16)
-    monkeypatch.setattr(model, "_BIG_WEIGHT", 2048 * 2048)
     gen = torch.Generator().manual_seed(rows)
     lin = model.Linear(k, n, bias=False).to(torch.bfloat16)
     x = torch.randn(1, rows, k, generator=gen).bfloat16()
@@ -242,8 +241,7 @@ def test_linear_routes_bf16_rows(kern, monkeypatch, slow_bf16, rows, n, k):
         kernel_rows = rows < model._UPCAST_ROWS and (
             rows < model._KERNEL_UPCAST_ROWS or w.numel() >= model._KERNEL_MIN_WEIGHTS)
     else:
-        kernel_rows = rows <= (model._NATIVE_BF16_BIG_ROWS if w.numel() >= model._BIG_WEIGHT
-                               else model._NATIVE_BF16_KERNEL_ROWS)
+        kernel_rows = rows <= model._NATIVE_BF16_KERNEL_ROWS
     with torch.no_grad():
         out = lin(x)
         if kernel_rows:

@@ -1,5 +1,6 @@
-// out[M, N] = x[M, K] @ w[N, K]^T on AVX-512 CPUs, for fp32 and bf16 (the latter for CPUs without
-// bf16 dot-product instructions). fp32 accumulation; bf16 output rounds to nearest even once.
+// out[M, N] = x[M, K] @ w[N, K]^T on AVX-512 CPUs, for fp32 and bf16 (bf16: the rows where
+// torch's GEMMs are slow: few rows, or any count on CPUs without bf16 dot-product instructions).
+// fp32 accumulation; bf16 output rounds to nearest even once.
 //
 // Dot-product form: a register block of 4 rows of x against 4 rows of w keeps 16 vector
 // accumulators over a slice of K, then one shuffle tree turns them into the 16 sums (no
@@ -285,6 +286,64 @@ torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
   return out;
 }
 
+// ---- bf16 rows on CPUs with avx512_bf16 -----------------------------------------------------
+// vdpbf16ps multiplies 16 pairs of bf16 values exactly and adds both products to 16 fp32 sums:
+// one instruction per (row of x, row of w, 32 values of K), where widening the weight costs two
+// FMAs and its share of the widening. x stays bf16 as given; the tail of K is masked to zeros in
+// both. Products of bf16 values are exact in fp32, so only the order of the fp32 additions
+// differs from the widening path (and bf16 subnormal inputs count as zero).
+#define EXAONE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+template <int MB, int NB>
+EXAONE_BF16_TARGET void tile_dp(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t K,
+                                float* out, int64_t ldo, const Prefetch& pf) {
+  __m512 acc[kB][kB];
+  for (int m = 0; m < kB; ++m)
+    for (int n = 0; n < kB; ++n) acc[m][n] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kChunk) {
+    pf.at<NB>(k);
+    const __mmask32 mask = mask32(K - k);
+    __m512bh wv[NB];
+    for (int n = 0; n < NB; ++n) wv[n] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + n * ldw + k);
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
+      for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv, wv[n]);
+    }
+  }
+  alignas(64) float sums[kB * kB];
+  _mm512_store_ps(sums, reduce4x4(acc));
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) out[m * ldo + n] = sums[m * kB + n];
+}
+
+using DpTileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, const Prefetch&);
+
+template <int MB, int... NBs>
+constexpr std::array<DpTileFn, kB> dp_row_of(std::integer_sequence<int, NBs...>) { return {&tile_dp<MB, NBs + 1>...}; }
+
+template <int... MBs>
+constexpr std::array<std::array<DpTileFn, kB>, kB> dp_table_of(std::integer_sequence<int, MBs...>) {
+  return {dp_row_of<MBs + 1>(std::make_integer_sequence<int, kB>{})...};
+}
+
+constexpr auto kDpTiles = dp_table_of(std::make_integer_sequence<int, kB>{});
+
+// nb <= 4 weight rows (each read once per block of 4 rows of x, from L1 after the first) against
+// all M rows of x; out (ldo) = the sums. As `slice`: the blocks share the prefetch of `pf`.
+void slice_dp(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t nb, float* out,
+              int64_t ldo, Prefetch pf) {
+  pf.step = int((M + kB - 1) / kB);
+  for (int64_t m = 0; m < M; m += kB) {
+    pf.first = int(m / kB);
+    kDpTiles[std::min<int64_t>(kB, M - m) - 1][nb - 1](x + m * ldx, ldx, w, K, K, out + m * ldo, ldo, pf);
+  }
+}
+
+bool native_bf16() {
+  static const bool yes = __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
 // x (M, K) bf16 with row stride ldx -> xp (M, Kp) fp32 with row stride ldp in the even/odd
 // order, zero-padded to Kp.
 void pack_x(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, float* xp, int64_t ldp, int64_t Kp) {
@@ -309,14 +368,24 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) {
   auto out = start(x, w, at::kBFloat16, "bf16_linear", done);
   if (done) return out;
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  auto* op = out.data_ptr<at::BFloat16>();
+  if (M > std::min(EXAONE_STREAM_ROWS, kB) && M < EXAONE_WIDEN_ROWS && native_bf16()) {  // see tile_dp
+    const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    for_blocks(N, K, [&](int64_t n0, int64_t nb) {
+      static thread_local std::vector<float> sums;
+      if (sums.size() < size_t(M * kB)) sums.resize(M * kB);
+      slice_dp(xb, x.stride(0), M, wp + n0 * K, K, nb, sums.data(), kB, next_slice(wp, N, K, n0, 0, K));
+      round_rows(sums.data(), kB, M, nb, op + n0, N);
+    });
+    return out;
+  }
   const int64_t Kp = (K + kChunk - 1) / kChunk * kChunk;
   // Per calling thread and reused: a fresh buffer of a few MB would page-fault on every call.
   static thread_local std::vector<float> xbuf;
   if (xbuf.size() < size_t(M * Kp)) xbuf.resize(M * Kp);
   float* xp = xbuf.data();
   pack_x(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.stride(0), M, K, xp, Kp, Kp);
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  auto* op = out.data_ptr<at::BFloat16>();
   const bool widen_once = M >= EXAONE_WIDEN_ROWS;
   for_blocks(N, K, [&](int64_t n0, int64_t nb) {
     static thread_local std::vector<float> sums, wbuf;  // this block's fp32 sums; its widened weight slice
