@@ -289,34 +289,43 @@ torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
 // ---- bf16 rows on CPUs with avx512_bf16 -----------------------------------------------------
 // vdpbf16ps multiplies 16 pairs of bf16 values exactly and adds both products to 16 fp32 sums:
 // one instruction per (row of x, row of w, 32 values of K), where widening the weight costs two
-// FMAs and its share of the widening. x stays bf16 as given; the tail of K is masked to zeros in
-// both. Products of bf16 values are exact in fp32, so only the order of the fp32 additions
-// differs from the widening path (and bf16 subnormal inputs count as zero).
+// FMAs and its share of the widening. x stays bf16 as given; only the tail of K is a masked load
+// (zeros beyond K in both): masked 16-bit loads in the main loop held it to half the speed here
+// (Zen 5: 16 rows 280 vs 550-630 GFLOP/s). Products of bf16 values are exact in fp32, so only the
+// order of the fp32 additions differs from the widening path (and bf16 subnormals count as zero).
+// All row counts from 3 on such CPUs; K slices of EXAONE_DP_KC from 5 rows.
 #define EXAONE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 template <int MB, int NB>
 EXAONE_BF16_TARGET void tile_dp(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t K,
-                                float* out, int64_t ldo, const Prefetch& pf) {
+                                float* out, int64_t ldo, bool add, const Prefetch& pf) {
   __m512 acc[kB][kB];
   for (int m = 0; m < kB; ++m)
     for (int n = 0; n < kB; ++n) acc[m][n] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += kChunk) {
-    pf.at<NB>(k);
+  auto chunk = [&](int64_t k, bool tail) EXAONE_BF16_TARGET {
     const __mmask32 mask = mask32(K - k);
     __m512bh wv[NB];
-    for (int n = 0; n < NB; ++n) wv[n] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + n * ldw + k);
+    for (int n = 0; n < NB; ++n)
+      wv[n] = (__m512bh)(tail ? _mm512_maskz_loadu_epi16(mask, w + n * ldw + k) : _mm512_loadu_si512(w + n * ldw + k));
     for (int m = 0; m < MB; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
+      const __m512bh xv = (__m512bh)(tail ? _mm512_maskz_loadu_epi16(mask, x + m * ldx + k) : _mm512_loadu_si512(x + m * ldx + k));
       for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv, wv[n]);
     }
+  };
+  int64_t k = 0;
+  for (; k + kChunk <= K; k += kChunk) {
+    pf.at<NB>(k);
+    chunk(k, false);
   }
+  if (k < K) chunk(k, true);
   alignas(64) float sums[kB * kB];
   _mm512_store_ps(sums, reduce4x4(acc));
   for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < NB; ++n) out[m * ldo + n] = sums[m * kB + n];
+    for (int n = 0; n < NB; ++n) out[m * ldo + n] = add ? out[m * ldo + n] + sums[m * kB + n] : sums[m * kB + n];
 }
 
-using DpTileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, const Prefetch&);
+using DpTileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, bool,
+                          const Prefetch&);
 
 template <int MB, int... NBs>
 constexpr std::array<DpTileFn, kB> dp_row_of(std::integer_sequence<int, NBs...>) { return {&tile_dp<MB, NBs + 1>...}; }
@@ -328,14 +337,25 @@ constexpr std::array<std::array<DpTileFn, kB>, kB> dp_table_of(std::integer_sequ
 
 constexpr auto kDpTiles = dp_table_of(std::make_integer_sequence<int, kB>{});
 
-// nb <= 4 weight rows (each read once per block of 4 rows of x, from L1 after the first) against
-// all M rows of x; out (ldo) = the sums. As `slice`: the blocks share the prefetch of `pf`.
-void slice_dp(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t nb, float* out,
-              int64_t ldo, Prefetch pf) {
-  pf.step = int((M + kB - 1) / kB);
-  for (int64_t m = 0; m < M; m += kB) {
-    pf.first = int(m / kB);
-    kDpTiles[std::min<int64_t>(kB, M - m) - 1][nb - 1](x + m * ldx, ldx, w, K, K, out + m * ldo, ldo, pf);
+#ifndef EXAONE_DP_KC
+#define EXAONE_DP_KC 1024  // K slice from 5 rows of x (multiple of 32): the slice of x and w stays in L1
+#endif
+
+// Weight rows [n0, n0 + nb) (nb <= 4) of w (N, K) against all M rows of x; out (ldo) = the sums.
+// Up to 4 rows of x: one pass over K. More: K slices whose x rows and 4 weight rows stay in L1
+// while every block of 4 rows of x passes over them. As `slice`: the blocks share the prefetch
+// of the next slice.
+void slice_dp(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t N, int64_t K, int64_t n0,
+              int64_t nb, float* out, int64_t ldo) {
+  const int64_t kc = M <= kB ? K : EXAONE_DP_KC;
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    Prefetch pf = next_slice(w, N, K, n0, k0, kc);
+    pf.step = int((M + kB - 1) / kB);
+    for (int64_t m = 0; m < M; m += kB) {
+      pf.first = int(m / kB);
+      kDpTiles[std::min<int64_t>(kB, M - m) - 1][nb - 1](x + m * ldx + k0, ldx, w + n0 * K + k0, K,
+                                                         std::min(kc, K - k0), out + m * ldo, ldo, k0 > 0, pf);
+    }
   }
 }
 
@@ -370,12 +390,12 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   auto* op = out.data_ptr<at::BFloat16>();
-  if (M > std::min(EXAONE_STREAM_ROWS, kB) && M < EXAONE_WIDEN_ROWS && native_bf16()) {  // see tile_dp
+  if (M > std::min(EXAONE_STREAM_ROWS, kB) && native_bf16()) {  // see tile_dp
     const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     for_blocks(N, K, [&](int64_t n0, int64_t nb) {
       static thread_local std::vector<float> sums;
       if (sums.size() < size_t(M * kB)) sums.resize(M * kB);
-      slice_dp(xb, x.stride(0), M, wp + n0 * K, K, nb, sums.data(), kB, next_slice(wp, N, K, n0, 0, K));
+      slice_dp(xb, x.stride(0), M, wp, N, K, n0, nb, sums.data(), kB);
       round_rows(sums.data(), kB, M, nb, op + n0, N);
     });
     return out;
