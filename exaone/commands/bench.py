@@ -376,13 +376,15 @@ def run(args) -> int:
         _progress(dtype, row["cells"][-1])
         for B in batches:
             ids = _prompt(B, args.context, config.vocab_size, B)
-            shares = []  # batch 1: our achieved GB/s over the read bandwidth measured just before
+            shares = []  # batch 1: our achieved GB/s over the read bandwidth measured around it
 
             def decode(r, ids=ids, B=B, shares=shares):
-                near = bandwidth_gbs(repeats=3)["read"] if B == 1 and r.name == "ours" else None
+                probe = B == 1 and r.name == "ours"
+                before = bandwidth_gbs(repeats=3)["read"] if probe else None
                 sec, tokens = r.decode(ids, args.decode_tokens)
-                if near:
-                    shares.append(wbytes * tokens / sec / 1e9 / near)
+                if probe:  # the mean of probes before and after: the host's bandwidth drifts in seconds
+                    around = (before + bandwidth_gbs(repeats=3)["read"]) / 2
+                    shares.append(wbytes * tokens / sec / 1e9 / around)
                 return sec, tokens
 
             tps = _median_interleaved(runners, decode, args.repeats, args.cell_budget)
@@ -453,7 +455,7 @@ def _table(results, impls, bw, args, config) -> str:
         lines.append([row["dtype"], "ceiling batch 1 (tok/s)", f"{row['ceiling_tps']:.2f}",
                       f"{bw['read']:.1f}"] + (["", "", ""] if hf else []) + [""])
         if "adjacent_share" in row:  # the bandwidth varies on a shared host: also against the moment's
-            lines.append([row["dtype"], "batch 1 / bw just before", f"{100 * row['adjacent_share']:.0f}%", ""]
+            lines.append([row["dtype"], "batch 1 / bw around it", f"{100 * row['adjacent_share']:.0f}%", ""]
                          + (["", "", ""] if hf else []) + [""])
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     fmt = lambda cs: "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(cs, widths)))  # noqa: E731
