@@ -35,10 +35,11 @@ _KERNEL_MIN_WEIGHTS = 1 << 22
 # Zen 5 our kernel streams a single row at 2.6x MKL's speed).
 _F32_KERNEL_ROWS = 31
 # bf16 on CPUs with native bf16 (avx512_bf16 / AMX): the kernel up to _NATIVE_BF16_KERNEL_ROWS rows
-# (1-2: its memory-bound loop, 1.5-2x oneDNN; 3-16: its vdpbf16ps tiles), oneDNN's GEMM from there.
+# (1-2: its memory-bound loop, 1.5-2x oneDNN; 3-32: its vdpbf16ps tiles), oneDNN's GEMM from there.
 # All linears of a 1.2B decode step, weights cold (Zen 5; oneDNN streams them badly at few rows):
-# 4 rows 80 vs 160 ms, 8 rows 75 vs 105-196 ms, 16 rows 92-99 vs 130-141 ms (docs/kernels.md).
-_NATIVE_BF16_KERNEL_ROWS = 16
+# 4 rows 80 vs 160 ms, 8 rows 75 vs 105-196 ms, 16 rows 92-99 vs 130-141 ms, 32 rows 186 vs 233,
+# 64 rows 373 vs 353 (docs/kernels.md).
+_NATIVE_BF16_KERNEL_ROWS = 32
 # Weights under this many elements keep torch's paths: a call costs microseconds either way, and a
 # model made only of them (the demo model: 192 x 192) should not pay the kernel's one-time build.
 _KERNEL_MIN_ELEMENTS = 1 << 20
@@ -57,7 +58,7 @@ class Linear(nn.Linear):
 
     float32: 1..31 rows (decode) through exaone.kernels' AVX-512 GEMM; more rows through MKL's
     GEMM on Intel CPUs, oneDNN's on others.
-    bfloat16: on CPUs with native bf16 GEMM, 1-16 rows through exaone.kernels;
+    bfloat16: on CPUs with native bf16 GEMM, 1-32 rows through exaone.kernels;
     without it, up to 127 rows through exaone.kernels (bf16 weights widened to fp32 in the kernel;
     torch.mv for one row when it is not built), long chunks through an fp32 GEMM on the weight
     upcast slice by slice.

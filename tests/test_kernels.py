@@ -228,10 +228,10 @@ def test_linear_routes_f32_rows(kern, rows):
 @needs_avx512
 @pytest.mark.parametrize("slow_bf16", [True, False])
 @pytest.mark.parametrize("n,k", [(40, 96), (2048, 2048)])  # under / at model._KERNEL_MIN_WEIGHTS
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 63, 64, 127, 128, 200])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 32, 33, 63, 64, 127, 128, 200])
 def test_linear_routes_bf16_rows(kern, monkeypatch, slow_bf16, rows, n, k):
     """Without native bf16 (slow_bf16) the kernel takes up to 127 rows, an upcast GEMM the rest;
-    with it, the kernel takes 1-16 rows and oneDNN's GEMM the rest."""
+    with it, the kernel takes 1-32 rows and oneDNN's GEMM the rest."""
     monkeypatch.setattr(model, "_SLOW_BF16_GEMM", slow_bf16)
     gen = torch.Generator().manual_seed(rows)
     lin = model.Linear(k, n, bias=False).to(torch.bfloat16)
