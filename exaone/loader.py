@@ -87,6 +87,7 @@ class _open:
         self.file = file
         self._header: dict | None = None
         self._base = 0
+        self._fh = None  # the file, opened on the first tensor read into 2 MB pages
         try:
             self.handle = safe_open(str(file), framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error types
@@ -96,6 +97,9 @@ class _open:
         return self
 
     def __exit__(self, *exc):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
         return False
 
     def keys(self):
@@ -126,15 +130,15 @@ class _open:
             return self.handle.get_tensor(name)  # small, or let safetensors report the inconsistency
         out = hugepages.empty(shape, dtype)
         view = memoryview((ctypes.c_char * (end - begin)).from_address(out.data_ptr())).cast("B")
-        with open(self.file, "rb") as fh:
-            fh.seek(self._base + begin)
-            done = 0
-            while done < len(view):
-                n = fh.readinto(view[done:])
-                if not n:
-                    raise CheckpointError(f"{self.file}: tensor {name} is truncated "
-                                          f"({done} of {len(view)} bytes)")
-                done += n
+        if self._fh is None:
+            self._fh = open(self.file, "rb")
+        self._fh.seek(self._base + begin)
+        done = 0
+        while done < len(view):
+            n = self._fh.readinto(view[done:])
+            if not n:
+                raise CheckpointError(f"{self.file}: tensor {name} is truncated ({done} of {len(view)} bytes)")
+            done += n
         return out
 
     def _info(self, name: str) -> dict | None:
