@@ -116,8 +116,64 @@ struct Prefetch {
   }
 };
 
+// ---- bf16 rows on CPUs with avx512_bf16: weights of type Dp ----------------------------------
+// vdpbf16ps multiplies 16 pairs of bf16 values exactly and adds both products to 16 fp32 sums:
+// one instruction per (row of x, row of w, 32 values of K), where widening the weight costs two
+// FMAs and its share of the widening. x stays bf16 as given; only the tail of K is a masked load
+// (zeros beyond K in both): masked 16-bit loads in the main loop held it to half the speed here
+// (Zen 5: 16 rows 280 vs 550-630 GFLOP/s). Products of bf16 values are exact in fp32, so only the
+// order of the fp32 additions differs from the widening path (and bf16 subnormals count as zero).
+// Used for all row counts from 3 on such CPUs (bf16_linear), through the same tile tables, slices
+// and prefetch as the other weight types: weights of type `Dp` (bf16 bits) select dp_tile there,
+// and x bf16 too.
+struct Dp {
+  uint16_t bits;
+};
+// The element type of x that goes with weights of type W.
+template <typename W>
+using XOf = std::conditional_t<std::is_same_v<W, Dp>, uint16_t, float>;
+
+#define EXAONE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// out[m * ldo + n] = (or += when `add`) the sum of the 16 lanes of acc[m][n], m < MB, n < NB.
+template <int MB, int NB>
+inline void finish(const __m512 (&acc)[kB][kB], float* out, int64_t ldo, bool add) {
+  alignas(64) float sums[kB * kB];
+  _mm512_store_ps(sums, reduce4x4(acc));
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) out[m * ldo + n] = add ? out[m * ldo + n] + sums[m * kB + n] : sums[m * kB + n];
+}
+
+// `tile` (below) for Dp weights, x bf16. Its own function: only it is compiled for avx512_bf16,
+// and only CPUs that have it call it.
+template <int MB, int NB>
+EXAONE_BF16_TARGET void dp_tile(const uint16_t* x, int64_t ldx, const Dp* wd, int64_t ldw, int64_t kc,
+                                float* out, int64_t ldo, bool add, const Prefetch& pf) {
+  const auto* w = reinterpret_cast<const uint16_t*>(wd);
+  __m512 acc[kB][kB];
+  for (int m = 0; m < kB; ++m)
+    for (int n = 0; n < kB; ++n) acc[m][n] = _mm512_setzero_ps();
+  auto chunk = [&](int64_t k, bool tail) EXAONE_BF16_TARGET {
+    const __mmask32 mask = mask32(kc - k);
+    __m512bh wv[NB];
+    for (int n = 0; n < NB; ++n)
+      wv[n] = (__m512bh)(tail ? _mm512_maskz_loadu_epi16(mask, w + n * ldw + k) : _mm512_loadu_si512(w + n * ldw + k));
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xv = (__m512bh)(tail ? _mm512_maskz_loadu_epi16(mask, x + m * ldx + k) : _mm512_loadu_si512(x + m * ldx + k));
+      for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv, wv[n]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + kChunk <= kc; k += kChunk) {
+    pf.at<NB>(k);
+    chunk(k, false);
+  }
+  if (k < kc) chunk(k, true);
+  finish<MB, NB>(acc, out, ldo, add);
+}
+
 // One register block over kc values of K: MB rows of x (row stride ldx) against NB rows of w
-// (fp32 or bf16, row stride ldw); out[m * ldo + n] = (or += when `add`) the sums.
+// (fp32 or bf16, row stride ldw; Dp weights: dp_tile); out[m * ldo + n] = (or += when `add`) the sums.
 template <typename W, int MB, int NB>
 void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t kc, float* out, int64_t ldo, bool add,
           const Prefetch& pf) {
@@ -137,17 +193,21 @@ void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t kc, floa
       bf16_chunk<MB, NB>(acc, x + k, ldx, w + k, ldw, mask32(kc - k));
     }
   }
-  alignas(64) float sums[kB * kB];
-  _mm512_store_ps(sums, reduce4x4(acc));
-  for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < NB; ++n) out[m * ldo + n] = add ? out[m * ldo + n] + sums[m * kB + n] : sums[m * kB + n];
+  finish<MB, NB>(acc, out, ldo, add);
 }
 
 template <typename W>
-using TileFn = void (*)(const float*, int64_t, const W*, int64_t, int64_t, float*, int64_t, bool, const Prefetch&);
+using TileFn = void (*)(const XOf<W>*, int64_t, const W*, int64_t, int64_t, float*, int64_t, bool, const Prefetch&);
+
+// The tile for W: Dp's own, the shared one for fp32 and widened bf16.
+template <typename W, int MB, int NB>
+constexpr TileFn<W> tile_of() {
+  if constexpr (std::is_same_v<W, Dp>) return &dp_tile<MB, NB>;
+  else return &tile<W, MB, NB>;
+}
 
 template <typename W, int MB, int... NBs>
-constexpr std::array<TileFn<W>, kB> row_of(std::integer_sequence<int, NBs...>) { return {&tile<W, MB, NBs + 1>...}; }
+constexpr std::array<TileFn<W>, kB> row_of(std::integer_sequence<int, NBs...>) { return {tile_of<W, MB, NBs + 1>()...}; }
 
 template <typename W, int... MBs>
 constexpr std::array<std::array<TileFn<W>, kB>, kB> table_of(std::integer_sequence<int, MBs...>) {
@@ -162,7 +222,7 @@ constexpr auto kTiles = table_of<W>(std::make_integer_sequence<int, kB>{});
 // partial sums. The slice stays in L1 for every block of x; meanwhile the blocks prefetch `pf`
 // (the next slice), each a share of its rows, so memory streams evenly while they compute.
 template <typename W>
-void slice(const float* x, int64_t ldx, int64_t M, const W* w, int64_t ldw, int64_t kn, int64_t nb, float* out,
+void slice(const XOf<W>* x, int64_t ldx, int64_t M, const W* w, int64_t ldw, int64_t kn, int64_t nb, float* out,
            int64_t ldo, bool add, Prefetch pf) {
   const int blocks = int((M + kB - 1) / kB);
   pf.step = blocks;
@@ -287,78 +347,9 @@ torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& w) {
   return out;
 }
 
-// ---- bf16 rows on CPUs with avx512_bf16 -----------------------------------------------------
-// vdpbf16ps multiplies 16 pairs of bf16 values exactly and adds both products to 16 fp32 sums:
-// one instruction per (row of x, row of w, 32 values of K), where widening the weight costs two
-// FMAs and its share of the widening. x stays bf16 as given; only the tail of K is a masked load
-// (zeros beyond K in both): masked 16-bit loads in the main loop held it to half the speed here
-// (Zen 5: 16 rows 280 vs 550-630 GFLOP/s). Products of bf16 values are exact in fp32, so only the
-// order of the fp32 additions differs from the widening path (and bf16 subnormals count as zero).
-// All row counts from 3 on such CPUs; K slices of EXAONE_DP_KC from 5 rows.
-#define EXAONE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
-
-template <int MB, int NB>
-EXAONE_BF16_TARGET void tile_dp(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t K,
-                                float* out, int64_t ldo, bool add, const Prefetch& pf) {
-  __m512 acc[kB][kB];
-  for (int m = 0; m < kB; ++m)
-    for (int n = 0; n < kB; ++n) acc[m][n] = _mm512_setzero_ps();
-  auto chunk = [&](int64_t k, bool tail) EXAONE_BF16_TARGET {
-    const __mmask32 mask = mask32(K - k);
-    __m512bh wv[NB];
-    for (int n = 0; n < NB; ++n)
-      wv[n] = (__m512bh)(tail ? _mm512_maskz_loadu_epi16(mask, w + n * ldw + k) : _mm512_loadu_si512(w + n * ldw + k));
-    for (int m = 0; m < MB; ++m) {
-      const __m512bh xv = (__m512bh)(tail ? _mm512_maskz_loadu_epi16(mask, x + m * ldx + k) : _mm512_loadu_si512(x + m * ldx + k));
-      for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv, wv[n]);
-    }
-  };
-  int64_t k = 0;
-  for (; k + kChunk <= K; k += kChunk) {
-    pf.at<NB>(k);
-    chunk(k, false);
-  }
-  if (k < K) chunk(k, true);
-  alignas(64) float sums[kB * kB];
-  _mm512_store_ps(sums, reduce4x4(acc));
-  for (int m = 0; m < MB; ++m)
-    for (int n = 0; n < NB; ++n) out[m * ldo + n] = add ? out[m * ldo + n] + sums[m * kB + n] : sums[m * kB + n];
-}
-
-using DpTileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, bool,
-                          const Prefetch&);
-
-template <int MB, int... NBs>
-constexpr std::array<DpTileFn, kB> dp_row_of(std::integer_sequence<int, NBs...>) { return {&tile_dp<MB, NBs + 1>...}; }
-
-template <int... MBs>
-constexpr std::array<std::array<DpTileFn, kB>, kB> dp_table_of(std::integer_sequence<int, MBs...>) {
-  return {dp_row_of<MBs + 1>(std::make_integer_sequence<int, kB>{})...};
-}
-
-constexpr auto kDpTiles = dp_table_of(std::make_integer_sequence<int, kB>{});
-
 #ifndef EXAONE_DP_KC
-#define EXAONE_DP_KC 1024  // K slice from 5 rows of x (multiple of 32): the slice of x and w stays in L1
+#define EXAONE_DP_KC 1024  // K slice of the Dp tiles from 5 rows of x (multiple of 32): x and w stay in L1
 #endif
-
-// Weight rows [n0, n0 + nb) (nb <= 4) of w (N, K) against all M rows of x; out (ldo) = the sums.
-// Up to 4 rows of x: one pass over K. More: K slices whose x rows and 4 weight rows stay in L1
-// while every block of 4 rows of x passes over them. As `slice`: the blocks share the prefetch
-// of the next slice.
-void slice_dp(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t N, int64_t K, int64_t n0,
-              int64_t nb, float* out, int64_t ldo) {
-  const int64_t kc = M <= kB ? K : EXAONE_DP_KC;
-  for (int64_t k0 = 0; k0 < K; k0 += kc) {
-    Prefetch pf = next_slice(w, N, K, n0, k0, kc);
-    pf.step = int((M + kB - 1) / kB);
-    for (int64_t m = 0; m < M; m += kB) {
-      pf.first = int(m / kB);
-      kDpTiles[std::min<int64_t>(kB, M - m) - 1][nb - 1](x + m * ldx + k0, ldx, w + n0 * K + k0, K,
-                                                         std::min(kc, K - k0), out + m * ldo, ldo, k0 > 0, pf);
-    }
-  }
-}
 
 bool native_bf16() {
   static const bool yes = __builtin_cpu_supports("avx512bf16");
@@ -391,12 +382,16 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   auto* op = out.data_ptr<at::BFloat16>();
-  if (M > std::min(EXAONE_STREAM_ROWS, kB) && native_bf16()) {  // see tile_dp
+  if (M > std::min(EXAONE_STREAM_ROWS, kB) && native_bf16()) {  // vdpbf16ps (see dp_tile), x as it is
     const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    const auto* wd = reinterpret_cast<const Dp*>(wp);
+    const int64_t kc = M <= kB ? K : EXAONE_DP_KC;  // few rows: one pass; more: K slices that stay in L1
     for_blocks(N, K, [&](int64_t n0, int64_t nb) {
       static thread_local std::vector<float> sums;
       if (sums.size() < size_t(M * kB)) sums.resize(M * kB);
-      slice_dp(xb, x.stride(0), M, wp, N, K, n0, nb, sums.data(), kB);
+      for (int64_t k0 = 0; k0 < K; k0 += kc)
+        slice(xb + k0, x.stride(0), M, wd + n0 * K + k0, K, std::min(kc, K - k0), nb, sums.data(), kB, k0 > 0,
+              next_slice(wd, N, K, n0, k0, kc));
       round_rows(sums.data(), kB, M, nb, op + n0, N);
     });
     return out;
