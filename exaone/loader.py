@@ -87,7 +87,7 @@ class _open:
         self.file = file
         self._header: dict | None = None
         self._base = 0
-        self._fh = None  # the file, opened on the first tensor read into 2 MB pages
+        self._fh = None  # the file, opened for the header the first time a tensor needs it
         try:
             self.handle = safe_open(str(file), framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error types
@@ -130,9 +130,7 @@ class _open:
             return self.handle.get_tensor(name)  # small, or let safetensors report the inconsistency
         out = hugepages.empty(shape, dtype)
         view = memoryview((ctypes.c_char * (end - begin)).from_address(out.data_ptr())).cast("B")
-        if self._fh is None:
-            self._fh = open(self.file, "rb")
-        self._fh.seek(self._base + begin)
+        self._fh.seek(self._base + begin)  # opened by _info
         done = 0
         while done < len(view):
             n = self._fh.readinto(view[done:])
@@ -145,9 +143,9 @@ class _open:
         """The header entry of `name` (dtype, shape, data_offsets); the header is read once."""
         if self._header is None:
             try:
-                with open(self.file, "rb") as fh:
-                    size = int.from_bytes(fh.read(8), "little")
-                    self._header = json.loads(fh.read(size))
+                self._fh = open(self.file, "rb")
+                size = int.from_bytes(self._fh.read(8), "little")
+                self._header = json.loads(self._fh.read(size))
                 self._base = 8 + size
             except (OSError, ValueError):
                 self._header = {}  # safe_open read it; whatever this misses, get_tensor handles
