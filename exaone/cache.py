@@ -130,9 +130,21 @@ class KVCache:
         if first != last - 1:
             step["row_index"] = torch.arange(step["rows"].start, step["rows"].start + B, device=self.device)[:, None]
         # The same masks as counts of valid slots per row, for the decode attention kernel.
-        step["len_global"] = pos[:, 0] + 1
+        step["pos1"] = pos[:, 0].long().contiguous()
+        step["len_global"] = step["pos1"] + 1
         if self.window is not None:
             step["len_sliding"] = step["len_global"].clamp(max=min(self.window, last))
+
+    def decode_target(self, layer: int):
+        """For a fused decode kernel that writes and attends itself (kernels' `attend_decode`): in a
+        one-token step, (k store, v store, first row, positions (B,) int64, window: 0 for a global
+        layer, else the ring's slot count); None in other steps. The store's layout is the one in
+        this module's docstring: the kernel writes position p at slot p, or p % window."""
+        st = self._step
+        if st is None or st["C"] != 1:
+            return None
+        return (self.k[layer], self.v[layer], st["rows"].start or 0, st["pos1"],
+                self.window if self.sliding[layer] else 0)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, H, C, D), k/v (B, KVH, C, D) for the step's rows -> attention output (B, H, C, D)."""

@@ -57,6 +57,10 @@ class _StaticAttend:
             if n not in self.masks:
                 self.masks[n] = (torch.arange(n, device=positions.device)[None, None, :] <= q)[:, None]
 
+    def decode_target(self, layer: int) -> None:
+        """No fused write-and-attend kernel here: padding rows must keep their slots (`attend`)."""
+        return None
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         K, V = self.ks[layer], self.vs[layer]
         Bp = q.shape[0]

@@ -201,6 +201,16 @@ class Attention(nn.Module):
         B, C, _ = x.shape
         m = self._modules  # not self.q_proj...: nn.Module's lookup costs ~0.8 us, ~13 a layer every step
         q, k, v = project(x, (m["q_proj"], m["k_proj"], m["v_proj"]))
+        target = cache.decode_target(self.layer_idx) if cache is not None and C == 1 else None
+        if target is not None and self._fused_ok(q, target[0]):
+            # Decode: norms, RoPE, the cache write and attention in one C++ call (~25 torch ops).
+            K, V, row0, pos, window = target
+            qn, kn = m["q_norm"], m["k_norm"]
+            rope = (cos.view(B, -1), sin.view(B, -1)) if self.use_rope else (None, None)
+            out = kernels.GEMM.module.attend_decode(q.view(B, -1), k.view(B, -1), v.view(B, -1),
+                                                    qn._parameters["weight"], kn._parameters["weight"], qn.eps,
+                                                    *rope, K, V, row0, pos, window, self.head_dim ** -0.5)
+            return m["o_proj"](out.view(B, 1, -1))
         q = self._norm_rope(q, m["q_norm"], self.n_heads, cos, sin)
         k = self._norm_rope(k, m["k_norm"], self.n_kv, cos, sin)
         v = v.view(B, C, self.n_kv, self.head_dim).transpose(1, 2)
@@ -209,6 +219,13 @@ class Attention(nn.Module):
         else:
             out = sdpa(q, k, v, mask)
         return m["o_proj"](out.transpose(1, 2).reshape(B, C, -1))
+
+    def _fused_ok(self, q: torch.Tensor, store: torch.Tensor) -> bool:
+        """attend_decode takes this step: the kernels are built (by whoever needed them first; this
+        never builds them), the cache holds q's dtype, and the head size is one it handles."""
+        D = self.head_dim
+        return (RMSNorm._kernel_ok(q, self._modules["q_norm"]._parameters["weight"]) and store.dtype is q.dtype
+                and store.is_contiguous() and (D in (32, 64) or D % 128 == 0) and (not self.use_rope or D % 32 == 0))
 
     def _norm_rope(self, y: torch.Tensor, norm: RMSNorm, heads: int, cos, sin) -> torch.Tensor:
         """(B, C, heads * D) projection -> (B, heads, C, D), normalised per head, rotated on RoPE layers."""
@@ -236,7 +253,13 @@ class MLP(nn.Module):
     def forward(self, x):
         m = self._modules  # see Attention.forward
         gate, up = project(x, (m["gate_proj"], m["up_proj"]))
-        return m["down_proj"](F.silu(gate) * up)
+        if RMSNorm._kernel_ok(gate, gate) and up.dtype is gate.dtype and up.stride(-1) == 1:
+            # One C++ call and no intermediate (F.silu, then the product): same roundings.
+            n = gate.shape[-1]
+            h = kernels.GEMM.module.silu_mul(gate.reshape(-1, n), up.reshape(-1, n)).view(gate.shape)
+        else:
+            h = F.silu(gate) * up
+        return m["down_proj"](h)
 
 
 def project(x: torch.Tensor, linears) -> Sequence[torch.Tensor]:

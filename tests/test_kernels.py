@@ -481,7 +481,7 @@ def test_decode_attention_refuses_bad_input(kern):
 
 @needs_avx512
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cache_decode_with_the_kernels_matches_torch(kern, dtype):
+def test_cache_decode_with_the_kernels_matches_torch(kern, dtype, monkeypatch):
     """A hybrid model's batched decode (rows at different positions, past the window) with the
     fused norms and decode attention against the same steps on torch's ops."""
     from exaone.testing import init_random_, tiny_config
@@ -506,7 +506,16 @@ def test_cache_decode_with_the_kernels_matches_torch(kern, dtype):
                 out.append(logits.float())
                 toks = logits.argmax(-1, keepdim=True)
         return torch.stack(out)
+    calls = {"attend_decode": 0, "silu_mul": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(kern.GEMM.module, name), _n=name, **k):
+            calls[_n] += 1
+            return _f(*a, **k)
+        monkeypatch.setattr(kern.GEMM.module, name, counted)
     fast = run()
+    # every decode step's layers took the fused attention; every layer the fused MLP product
+    assert calls["attend_decode"] == 6 * m.config.num_hidden_layers
+    assert calls["silu_mul"] == (6 + len(lens)) * m.config.num_hidden_layers
     module, kern.GEMM.module = kern.GEMM.module, None
     try:
         slow = run()
@@ -515,6 +524,90 @@ def test_cache_decode_with_the_kernels_matches_torch(kern, dtype):
     tol = 1e-4 if dtype is torch.float32 else 0.05 * slow.abs().max().item()
     assert (fast - slow).abs().max().item() <= tol
     assert not torch.equal(fast, slow)  # the kernels did run (their sums are ordered differently)
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("window", [0, 16])
+def test_attend_decode_is_norm_rope_write_and_decode_attention(kern, dtype, D, window):
+    """The fused decode step (q/k norm + RoPE, k/v into the cache at each row's slot, attention)
+    gives exactly what the separate kernels and a plain cache write give: rows at different
+    positions (a ring that wrapped included), q/k/v strided slices of one projection, batch rows
+    in the middle of the cache."""
+    g = torch.Generator().manual_seed(D + window)
+    H, KVH, R, S, row0 = 4, 2, 5, (window or 48), 1
+    pos = torch.tensor([0, 7, 15, 40] if window else [0, 7, 15, 47])
+    B = len(pos)
+    fused = (2 * torch.randn(B, (H + 2 * KVH) * D, generator=g)).to(dtype)
+    q, k, v = fused.split([H * D, KVH * D, KVH * D], dim=1)
+    qw, kw = (torch.randn(D, generator=g).to(dtype) for _ in range(2))
+    cos, sin = model.rope_cos_sin(torch.rand(D // 2, generator=g), pos[:, None], dtype)
+    cos, sin = cos.reshape(B, D), sin.reshape(B, D)
+    K, V = (torch.randn(R, KVH, S, D, generator=g).to(dtype) for _ in range(2))
+    K2, V2 = K.clone(), V.clone()
+    out = kern.GEMM.module.attend_decode(q, k, v, qw, kw, 1e-5, cos, sin, K, V, row0, pos, window, D ** -0.5)
+
+    slot = pos % window if window else pos
+    lengths = (pos + 1).clamp(max=window) if window else pos + 1
+    qn = kern.GEMM.module.norm_rope(q, H, qw, 1e-5, cos, sin).view(B, H, D)
+    kn = kern.GEMM.module.norm_rope(k, KVH, kw, 1e-5, cos, sin).view(B, KVH, D)
+    rows = torch.arange(row0, row0 + B)
+    K2[rows, :, slot], V2[rows, :, slot] = kn, v.reshape(B, KVH, D)
+    want = kern.GEMM.module.decode_attention(qn, K2[row0:row0 + B], V2[row0:row0 + B], lengths, D ** -0.5)
+    assert torch.equal(K, K2) and torch.equal(V, V2)  # the new k/v at their slots, nothing else touched
+    assert out.shape == (B, H * D) and torch.equal(out, want.reshape(B, H * D))
+
+
+@needs_avx512
+def test_attend_decode_refuses_bad_input(kern):
+    f = kern.GEMM.module.attend_decode
+    D, H, KVH = 32, 4, 2
+    q, k = torch.randn(1, H * D), torch.randn(1, KVH * D)
+    w = torch.ones(D)
+    K = torch.zeros(2, KVH, 8, D)
+    ok = dict(row0=0, pos=torch.tensor([3]), window=0)
+
+    def call(**kw):
+        a = {**ok, **kw}
+        return f(q, k, k, w, w, 1e-5, None, None, K, K.clone(), a["row0"], a["pos"], a["window"], 0.1)
+    call()
+    with pytest.raises(RuntimeError, match="position 8 outside"):
+        call(pos=torch.tensor([8]))  # a global store of 8 slots
+    with pytest.raises(RuntimeError, match="rows"):
+        call(row0=2)
+    with pytest.raises(RuntimeError, match="window"):
+        call(window=4)  # the ring has 8 slots
+    with pytest.raises(RuntimeError, match="int64"):
+        call(pos=torch.tensor([3], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        f(q, k, k, w, w, 1e-5, None, None, K.bfloat16(), K.bfloat16(), 0, ok["pos"], 0, 0.1)
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_kernel_matches_the_torch_ops(kern, dtype):
+    """silu(gate) * up on strided rows (halves of one gate|up projection), with F.silu's and the
+    product's roundings: bf16 within 1 ulp, nearly all identical; fp32 within a few ulps."""
+    g = torch.Generator().manual_seed(0)
+    gu = (4 * torch.randn(7, 2 * 200, generator=g)).to(dtype)
+    gu[0, :4] = torch.tensor([0.0, -0.0, 90.0, -90.0])
+    gate, up = gu[:, :200], gu[:, 200:]
+    got = kern.GEMM.module.silu_mul(gate, up)
+    want = F.silu(gate) * up
+    assert got.dtype is dtype and got.shape == (7, 200) and got.is_contiguous()
+    # silu(-90) underflows: torch's exp(90) overflows to inf (-0), the kernel's e^-90 does not (~1e-37)
+    assert (got - want).abs()[want == 0].max() < 1e-30
+    got, want = got[want != 0], want[want != 0]
+    if dtype is torch.bfloat16:
+        assert _ulps(got, want).max() <= 1 and (_ulps(got, want) == 0).float().mean() >= 0.99
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert kern.GEMM.module.silu_mul(gate[:0], up[:0]).shape == (0, 200)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kern.GEMM.module.silu_mul(gate.double(), up.double())
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        kern.GEMM.module.silu_mul(gate.t(), up.t())
 
 
 def _torch_norm_rope(norm, y, heads, cos, sin):

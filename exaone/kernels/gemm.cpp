@@ -521,53 +521,67 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
 // reference's rounding (RMSNorm as above; then x * cos, roll(x, D/2) * sin and their sum, each
 // rounded to bf16 for bf16). x rows may be strided (a slice of a fused q/k/v projection); cos and
 // sin are (T, D) with sin's first half negated (model.rope_cos_sin), or absent: no rotation.
+// One row's heads: head hd of x (D values at x + hd * D) -> out + hd * ldh. cos, sin: this row's
+// D values, or null (no rotation).
 template <typename T>
-void norm_rope_rows(const T* x, int64_t ldx, const T* w, const T* cos, const T* sin, T* out, int64_t t0, int64_t t1,
-                    int64_t heads, int64_t D, float eps) {
+void norm_rope_heads(const T* x, const T* w, const T* cos, const T* sin, T* out, int64_t ldh, int64_t heads,
+                     int64_t D, float eps) {
   constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
   alignas(64) float h[1024];  // one normalised head (D <= 1024, checked)
   const int64_t half = D / 2;
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t hd = 0; hd < heads; ++hd) {
-      const T* xr = x + t * ldx + hd * D;
-      const __m512 scale = rms_scale(xr, D, eps);
-      T* o = out + (t * heads + hd) * D;
-      for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 m = mask16(D - d);
-        const __m512 v = normed(xr + d, w + d, m, scale);
-        if (cos) _mm512_store_ps(h + d, v);
-        else store(o + d, v, m);
-      }
-      if (!cos) continue;
-      for (int64_t d = 0; d < D; d += 16) {  // D % 32 == 0 (checked): whole vectors, halves align
-        __m512 a = _mm512_mul_ps(_mm512_load_ps(h + d), load_f32(cos + t * D + d, 0xffff));
-        __m512 b = _mm512_mul_ps(_mm512_load_ps(h + (d + half) % D), load_f32(sin + t * D + d, 0xffff));
-        if (kBf16) a = round_bf16(a), b = round_bf16(b);
-        __m512 r = _mm512_add_ps(a, b);
-        if (kBf16) r = round_bf16(r);
-        store(o + d, r, 0xffff);
-      }
+  for (int64_t hd = 0; hd < heads; ++hd) {
+    const T* xr = x + hd * D;
+    const __m512 scale = rms_scale(xr, D, eps);
+    T* o = out + hd * ldh;
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 m = mask16(D - d);
+      const __m512 v = normed(xr + d, w + d, m, scale);
+      if (cos) _mm512_store_ps(h + d, v);
+      else store(o + d, v, m);
+    }
+    if (!cos) continue;
+    for (int64_t d = 0; d < D; d += 16) {  // D % 32 == 0 (checked): whole vectors, halves align
+      __m512 a = _mm512_mul_ps(_mm512_load_ps(h + d), load_f32(cos + d, 0xffff));
+      __m512 b = _mm512_mul_ps(_mm512_load_ps(h + (d + half) % D), load_f32(sin + d, 0xffff));
+      if (kBf16) a = round_bf16(a), b = round_bf16(b);
+      __m512 r = _mm512_add_ps(a, b);
+      if (kBf16) r = round_bf16(r);
+      store(o + d, r, 0xffff);
     }
   }
 }
 
-torch::Tensor norm_rope(const torch::Tensor& x, int64_t heads, const torch::Tensor& w, double eps,
-                        const c10::optional<torch::Tensor>& cos, const c10::optional<torch::Tensor>& sin) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "norm_rope: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "norm_rope: x and w must both be float32 or bfloat16, got ", x.scalar_type(), " and ", w.scalar_type());
+template <typename T>
+void norm_rope_rows(const T* x, int64_t ldx, const T* w, const T* cos, const T* sin, T* out, int64_t t0, int64_t t1,
+                    int64_t heads, int64_t D, float eps) {
+  for (int64_t t = t0; t < t1; ++t)
+    norm_rope_heads(x + t * ldx, w, cos ? cos + t * D : nullptr, sin ? sin + t * D : nullptr, out + t * heads * D, D,
+                    heads, D, eps);
+}
+
+// The checks norm_rope and attend_decode share: w (D,), cos/sin (T, D) of x's dtype or both absent.
+void check_norm_rope(const char* name, at::ScalarType dtype, int64_t T, const torch::Tensor& w,
+                     const c10::optional<torch::Tensor>& cos, const c10::optional<torch::Tensor>& sin) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == dtype && (dtype == at::kFloat || dtype == at::kBFloat16),
+              name, ": x and the norm weights must all be float32 or bfloat16 CPU tensors");
   const int64_t D = w.numel();
-  TORCH_CHECK(w.dim() == 1 && w.is_contiguous() && D > 0 && D <= 1024, "norm_rope: w must be contiguous (D,), D <= 1024");
-  TORCH_CHECK(x.dim() == 2 && heads > 0 && x.size(1) == heads * D && (x.stride(1) == 1 || x.size(1) == 1),
-              "norm_rope: x must be (T, heads * D) with contiguous rows, got ", x.sizes(), " for ", heads, " heads of ", D);
-  const int64_t T = x.size(0);
-  TORCH_CHECK(cos.has_value() == sin.has_value(), "norm_rope: give cos and sin together");
+  TORCH_CHECK(w.dim() == 1 && w.is_contiguous() && D > 0 && D <= 1024, name, ": norm weights must be contiguous (D,), D <= 1024");
+  TORCH_CHECK(cos.has_value() == sin.has_value(), name, ": give cos and sin together");
   if (cos)
-    TORCH_CHECK(D % 32 == 0 && cos->scalar_type() == x.scalar_type() && sin->scalar_type() == x.scalar_type() &&
+    TORCH_CHECK(D % 32 == 0 && cos->scalar_type() == dtype && sin->scalar_type() == dtype &&
                 cos->dim() == 2 && cos->size(0) == T && cos->size(1) == D && sin->sizes() == cos->sizes() &&
                 cos->is_contiguous() && sin->is_contiguous(),
-                "norm_rope: cos and sin must be contiguous (T, D) tensors of x's dtype, D a multiple of 32; got ",
-                cos->sizes(), " for x ", x.sizes());
+                name, ": cos and sin must be contiguous (T, D) tensors of x's dtype, D a multiple of 32; got ",
+                cos->sizes(), " for ", T, " rows");
+}
+
+torch::Tensor norm_rope(const torch::Tensor& x, int64_t heads, const torch::Tensor& w, double eps,
+                        const c10::optional<torch::Tensor>& cos, const c10::optional<torch::Tensor>& sin) {
+  TORCH_CHECK(x.device().is_cpu(), "norm_rope: CPU tensors only");
+  const int64_t D = w.numel(), T = x.dim() == 2 ? x.size(0) : 0;
+  check_norm_rope("norm_rope", x.scalar_type(), T, w, cos, sin);
+  TORCH_CHECK(x.dim() == 2 && heads > 0 && x.size(1) == heads * D && (x.stride(1) == 1 || x.size(1) == 1),
+              "norm_rope: x must be (T, heads * D) with contiguous rows, got ", x.sizes(), " for ", heads, " heads of ", D);
   auto out = torch::empty({T, heads * D}, x.options());
   if (T == 0) return out;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (heads * D));
@@ -761,6 +775,30 @@ void attend_one(const T* q, int64_t ldq, int64_t rep, const T* k, const T* v, in
     }
 }
 
+// All (row, kv head) tasks: q row b's head h at q + b * ldqb + h * ldqh; k and v row b's head g at
+// + b * ldkb + g * ldkg, D values a slot, slots [0, len[b]); out (B, H, D) contiguous. L: the most
+// slots a row may have (the scores buffer).
+template <typename T>
+void attend_rows(const T* q, int64_t ldqb, int64_t ldqh, const T* k, const T* v, int64_t ldkb, int64_t ldkg,
+                 const int64_t* len, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t L, float scale, T* out) {
+  const int64_t rep = H / KVH;
+  // Small contexts on one thread: a fork costs more than the work.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, L * D));
+  at::parallel_for(0, B * KVH, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qbuf(rep * D), scores(rep * L), inv(rep);  // per worker, reused by its tasks
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / KVH, g = t % KVH;
+      attend_one<T>(q + b * ldqb + g * rep * ldqh, ldqh, rep, k + b * ldkb + g * ldkg, v + b * ldkb + g * ldkg, D,
+                    len[b], D, scale, out + (b * H + g * rep) * D, D, qbuf.data(), scores.data(), inv.data());
+    }
+  });
+}
+
+void check_attention(const char* name, int64_t H, int64_t KVH, int64_t D) {
+  TORCH_CHECK(KVH > 0 && H % KVH == 0, name, ": heads ", H, " not a multiple of kv heads ", KVH);
+  TORCH_CHECK(D == 32 || D == 64 || D % 128 == 0, name, ": head_dim must be 32, 64 or a multiple of 128, got ", D);
+}
+
 // q (B, H, D) with any row strides; k, v (B, KVH, L, D) with rows of D contiguous (the cache's
 // slices); lengths (B,) int64 in [1, L]. Returns (B, H, D) contiguous.
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -772,8 +810,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(3),
               "decode_attention: q (B, H, D), k and v (B, KVH, L, D), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1), L = k.size(2);
-  TORCH_CHECK(KVH > 0 && H % KVH == 0, "decode_attention: heads ", H, " not a multiple of kv heads ", KVH);
-  TORCH_CHECK(D == 32 || D == 64 || D % 128 == 0, "decode_attention: head_dim must be 32, 64 or a multiple of 128, got ", D);
+  check_attention("decode_attention", H, KVH, D);
   TORCH_CHECK(q.stride(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D &&
               k.strides() == v.strides(), "decode_attention: rows of D values must be contiguous, k and v alike");
   TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1 && lengths.size(0) == B && lengths.is_contiguous(),
@@ -782,25 +819,136 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(len[b] >= 1 && len[b] <= L, "decode_attention: lengths must be in [1, ", L, "], got ", len[b]);
   auto out = torch::empty({B, H, D}, q.options());
-  const int64_t rep = H / KVH;
-  // Small contexts on one thread: a fork costs more than the work.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, L * D));
-  at::parallel_for(0, B * KVH, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qbuf(rep * D), scores(rep * L), inv(rep);  // per worker, reused by its tasks
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / KVH, g = t % KVH;
-      if (q.scalar_type() == at::kFloat)
-        attend_one<float>(q.data_ptr<float>() + b * q.stride(0) + g * rep * q.stride(1), q.stride(1), rep,
-                          k.data_ptr<float>() + b * k.stride(0) + g * k.stride(1),
-                          v.data_ptr<float>() + b * v.stride(0) + g * v.stride(1), D, len[b], D, float(scale),
-                          out.data_ptr<float>() + (b * H + g * rep) * D, D, qbuf.data(), scores.data(), inv.data());
-      else
-        attend_one<at::BFloat16>(q.data_ptr<at::BFloat16>() + b * q.stride(0) + g * rep * q.stride(1), q.stride(1), rep,
-                                 k.data_ptr<at::BFloat16>() + b * k.stride(0) + g * k.stride(1),
-                                 v.data_ptr<at::BFloat16>() + b * v.stride(0) + g * v.stride(1), D, len[b], D,
-                                 float(scale), out.data_ptr<at::BFloat16>() + (b * H + g * rep) * D, D, qbuf.data(),
-                                 scores.data(), inv.data());
+  if (q.scalar_type() == at::kFloat)
+    attend_rows<float>(q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr<float>(), v.data_ptr<float>(),
+                       k.stride(0), k.stride(1), len, B, H, KVH, D, L, float(scale), out.data_ptr<float>());
+  else
+    attend_rows<at::BFloat16>(q.data_ptr<at::BFloat16>(), q.stride(0), q.stride(1), k.data_ptr<at::BFloat16>(),
+                              v.data_ptr<at::BFloat16>(), k.stride(0), k.stride(1), len, B, H, KVH, D, L, float(scale),
+                              out.data_ptr<at::BFloat16>());
+  return out;
+}
+
+// ---- A decode step's attention, from the projections to o_proj's input -----------------------
+// One call for what is otherwise ~25 torch ops a layer: q/k norm + RoPE (as norm_rope), k and v
+// written into the cache at each row's slot, attention over the row's valid slots (as
+// decode_attention). q, k, v (B, heads * D) rows (any row stride: slices of a fused projection);
+// cache K, V (R, KVH, S, D) contiguous, the batch at rows [row0, row0 + B); pos (B,) the query
+// positions. window 0 (global layer): slot = pos, slots [0, pos]; else (sliding ring of S = window
+// slots): slot = pos % window, slots [0, min(pos + 1, window)). Returns (B, H * D).
+template <typename T>
+void attend_decode_typed(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                         const torch::Tensor& qw, const torch::Tensor& kw, float eps,
+                         const c10::optional<torch::Tensor>& cos, const c10::optional<torch::Tensor>& sin,
+                         torch::Tensor& K, torch::Tensor& V, int64_t row0, const int64_t* slot, const int64_t* len,
+                         int64_t L, float scale, torch::Tensor& qn, torch::Tensor& out) {
+  const int64_t B = q.size(0), D = qw.numel(), H = q.size(1) / D, KVH = k.size(1) / D, S = K.size(2);
+  const T* cs = cos ? cos->data_ptr<T>() : nullptr;
+  const T* sn = sin ? sin->data_ptr<T>() : nullptr;
+  T* Kp = K.data_ptr<T>() + row0 * K.stride(0);
+  T* Vp = V.data_ptr<T>() + row0 * V.stride(0);
+  for (int64_t b = 0; b < B; ++b) {
+    const T* c = cs ? cs + b * D : nullptr;
+    const T* s = sn ? sn + b * D : nullptr;
+    norm_rope_heads(q.data_ptr<T>() + b * q.stride(0), qw.data_ptr<T>(), c, s, qn.data_ptr<T>() + b * H * D, D, H, D, eps);
+    norm_rope_heads(k.data_ptr<T>() + b * k.stride(0), kw.data_ptr<T>(), c, s, Kp + b * K.stride(0) + slot[b] * D,
+                    S * D, KVH, D, eps);
+    for (int64_t g = 0; g < KVH; ++g)
+      std::copy_n(v.data_ptr<T>() + b * v.stride(0) + g * D, D, Vp + b * V.stride(0) + g * S * D + slot[b] * D);
+  }
+  attend_rows<T>(qn.data_ptr<T>(), H * D, D, Kp, Vp, K.stride(0), K.stride(1), len, B, H, KVH, D, L, scale,
+                 out.data_ptr<T>());
+}
+
+torch::Tensor attend_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                            const torch::Tensor& q_norm, const torch::Tensor& k_norm, double eps,
+                            const c10::optional<torch::Tensor>& cos, const c10::optional<torch::Tensor>& sin,
+                            torch::Tensor K, torch::Tensor V, int64_t row0, const torch::Tensor& pos,
+                            int64_t window, double scale) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && K.device().is_cpu() &&
+              V.device().is_cpu() && pos.device().is_cpu(), "attend_decode: CPU tensors only");
+  const int64_t B = q.dim() == 2 ? q.size(0) : 0, D = q_norm.numel();
+  check_norm_rope("attend_decode", dtype, B, q_norm, cos, sin);
+  check_norm_rope("attend_decode", dtype, B, k_norm, cos, sin);
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && K.scalar_type() == dtype && V.scalar_type() == dtype,
+              "attend_decode: q, k, v and the cache must have one dtype");
+  TORCH_CHECK(K.dim() == 4 && V.sizes() == K.sizes() && K.is_contiguous() && V.is_contiguous() && K.size(3) == D,
+              "attend_decode: the cache must be contiguous (R, KVH, S, D) tensors, got ", K.sizes(), " and ", V.sizes());
+  const int64_t KVH = K.size(1), S = K.size(2);
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.dim() == 2 && k.size(0) == B && v.size(0) == B &&
+              q.size(1) % D == 0 && k.size(1) == KVH * D && v.size(1) == KVH * D &&
+              q.stride(1) == 1 && k.stride(1) == 1 && v.stride(1) == 1,
+              "attend_decode: q (B, H * D), k and v (B, KVH * D) with contiguous rows, got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes(), " for D ", D, ", KVH ", KVH);
+  const int64_t H = q.size(1) / D;
+  check_attention("attend_decode", H, KVH, D);
+  TORCH_CHECK(row0 >= 0 && row0 + B <= K.size(0), "attend_decode: rows [", row0, ", ", row0 + B,
+              ") outside the cache's ", K.size(0));
+  TORCH_CHECK(window >= 0 && (window == 0 || window == S), "attend_decode: window must be 0 or the ring's ", S, " slots");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == B && pos.is_contiguous(),
+              "attend_decode: pos must be a contiguous int64 (B,) tensor");
+  const int64_t* p = pos.data_ptr<int64_t>();
+  std::vector<int64_t> slot(B), len(B);
+  int64_t L = 1;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(p[b] >= 0 && (window > 0 || p[b] < S), "attend_decode: position ", p[b], " outside [0, ", S, ")");
+    slot[b] = window ? p[b] % window : p[b];
+    len[b] = window ? std::min(p[b] + 1, window) : p[b] + 1;
+    L = std::max(L, len[b]);
+  }
+  auto qn = torch::empty({B, H * D}, q.options());
+  auto out = torch::empty({B, H * D}, q.options());
+  if (B == 0) return out;
+  if (dtype == at::kFloat)
+    attend_decode_typed<float>(q, k, v, q_norm, k_norm, float(eps), cos, sin, K, V, row0, slot.data(), len.data(), L,
+                               float(scale), qn, out);
+  else
+    attend_decode_typed<at::BFloat16>(q, k, v, q_norm, k_norm, float(eps), cos, sin, K, V, row0, slot.data(),
+                                      len.data(), L, float(scale), qn, out);
+  return out;
+}
+
+// ---- silu(gate) * up ----------------------------------------------------------------------------
+// As F.silu(gate) * up with its roundings (bf16: silu rounded, then the product): one call and one
+// output instead of two ops and an intermediate. silu(x) = x sigmoid(x), sigmoid from e^-|x|
+// (exp_neg, relative error < 2e-7): 1 / (1 + e) for x >= 0, e / (1 + e) below.
+template <typename T>
+void silu_mul_rows(const T* g, int64_t ldg, const T* u, int64_t ldu, T* out, int64_t r0, int64_t r1, int64_t N) {
+  constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t n = 0; n < N; n += 16) {
+      const __mmask16 m = mask16(N - n);
+      const __m512 x = load_f32(g + r * ldg + n, m);
+      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+      const __m512 sig = _mm512_div_ps(_mm512_mask_mov_ps(one, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), e),
+                                       _mm512_add_ps(one, e));
+      __m512 s = _mm512_mul_ps(x, sig);
+      if (kBf16) s = round_bf16(s);
+      __m512 y = _mm512_mul_ps(s, load_f32(u + r * ldu + n, m));
+      if (kBf16) y = round_bf16(y);
+      store(out + r * N + n, y, m);
     }
+}
+
+torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
+  TORCH_CHECK(gate.device().is_cpu() && up.device().is_cpu() && gate.scalar_type() == up.scalar_type() &&
+              (gate.scalar_type() == at::kFloat || gate.scalar_type() == at::kBFloat16),
+              "silu_mul: gate and up must both be float32 or bfloat16 CPU tensors");
+  TORCH_CHECK(gate.dim() == 2 && up.sizes() == gate.sizes() && (gate.stride(1) == 1 || gate.size(1) <= 1) &&
+              (up.stride(1) == 1 || up.size(1) <= 1),
+              "silu_mul: gate and up must be (M, N) with contiguous rows, got ", gate.sizes(), " and ", up.sizes());
+  const int64_t M = gate.size(0), N = gate.size(1);
+  auto out = torch::empty({M, N}, gate.options());
+  if (M == 0 || N == 0) return out;
+  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 16) / N), [&](int64_t r0, int64_t r1) {
+    if (gate.scalar_type() == at::kFloat)
+      silu_mul_rows<float>(gate.data_ptr<float>(), gate.stride(0), up.data_ptr<float>(), up.stride(0),
+                           out.data_ptr<float>(), r0, r1, N);
+    else
+      silu_mul_rows<at::BFloat16>(gate.data_ptr<at::BFloat16>(), gate.stride(0), up.data_ptr<at::BFloat16>(),
+                                  up.stride(0), out.data_ptr<at::BFloat16>(), r0, r1, N);
   });
   return out;
 }
@@ -817,4 +965,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sin") = py::none());
   m.def("argmax", &argmax, "x (M, N) fp32 or bf16 -> (M,) int64, torch.argmax(x, -1)'s answer");
   m.def("decode_attention", &decode_attention, "one query per row: q (B, H, D), k/v (B, KVH, L, D), lengths (B,)");
+  m.def("attend_decode", &attend_decode,
+        "decode attention from the projections: q/k norm + RoPE, k/v into the cache at each row's slot, attention",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_norm"), py::arg("k_norm"), py::arg("eps"), py::arg("cos"),
+        py::arg("sin"), py::arg("K"), py::arg("V"), py::arg("row0"), py::arg("pos"), py::arg("window"), py::arg("scale"));
+  m.def("silu_mul", &silu_mul, "silu(gate) * up, (M, N) rows, fp32 or bf16");
 }
