@@ -21,8 +21,9 @@ llama-cpp-python: F16 is `exaone export --format gguf` of the bfloat16 weights, 
 are llama.cpp's own quantizer (`llama_model_quantize`) run on that file. Columns: weight bytes
 read per decode token, prefill tok/s (one pass over --prompt-len tokens), batch-1 greedy decode
 tok/s (--decode-tokens steps after a --context-token prompt, timed from the first generated token;
-nothing stops at EOS), achieved GB/s = weight bytes x decode tok/s and its share of the read
-bandwidth measured in the same run, peak RSS, and ratios of each of our rows against its
+nothing stops at EOS), achieved GB/s = weight bytes x decode tok/s and its share of the best read
+bandwidth measured in the run ("% of bw") and, median over the decode runs, of the mean of read
+probes just before and after each run ("% of bw around": the host's bandwidth drifts), peak RSS, and ratios of each of our rows against its
 llama.cpp match (int8 : Q8_0, int4 : Q4_K_M, float32 and bfloat16 : F16) and its transformers match
 (same dtype; bfloat16 for int8/int4). Medians of --repeats (with --rounds R, each row's process runs R
 times, rows taking turns, and the median pools all R x repeats runs: on a machine whose bandwidth
@@ -235,7 +236,7 @@ def _median_rate(fn, repeats: int, budget: float) -> tuple[float, list[float]]:
 
 
 def _speed_child(args) -> dict:
-    from exaone.commands.bench import Ours, Reference, _prompt, build_model
+    from exaone.commands.bench import Ours, Reference, _prompt, bandwidth_gbs, build_model
     from exaone.quant import quantize_model, weight_bytes
 
     torch.set_num_threads(args.threads)
@@ -262,11 +263,25 @@ def _speed_child(args) -> dict:
         runner.decode(context[:, :4], 2)
         prefill, prefill_runs = _median_rate(lambda: (runner.prefill(prompt), args.prompt_len), args.repeats,
                                              args.cell_budget)
-        decode, decode_runs = _median_rate(lambda: runner.decode(context, args.decode_tokens), args.repeats,
-                                           args.cell_budget)
+        shares, peak = [], {"max": 0, "ok": True}  # decode runs' GB/s over the bandwidth just before and after
+
+        def probe() -> float:
+            """Read bandwidth now; its 2 GiB of buffers do not count in the row's peak RSS."""
+            peak["max"] = max(peak["max"], _peak_rss())
+            bw = bandwidth_gbs(repeats=3)["read"]
+            peak["ok"] &= _reset_peak_rss()  # else no peak is reported rather than the probe's
+            return bw
+
+        def decode():
+            before = probe()
+            sec, tokens = runner.decode(context, args.decode_tokens)
+            around = (before + probe()) / 2  # the host's bandwidth drifts in seconds
+            shares.append(info["weight_bytes"] * tokens / sec / 1e9 / around)
+            return sec, tokens
+        decode, decode_runs = _median_rate(decode, args.repeats, args.cell_budget)
     return dict(row=row, impl=runner.name, **info, prefill_tps=prefill, prefill_runs=prefill_runs,
                 decode_tps=decode, decode_runs=decode_runs, gb_per_s=info["weight_bytes"] * decode / 1e9,
-                peak_rss=_peak_rss())
+                bw_shares=shares, peak_rss=max(peak["max"], _peak_rss()) if peak["ok"] else None)
 
 
 def _peak_rss() -> int:
@@ -280,6 +295,16 @@ def _peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Set this process's peak RSS (VmHWM) back to its current RSS (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 # ---- speed: the run -------------------------------------------------------------------------------
@@ -341,7 +366,8 @@ def _pool(runs: list[dict]) -> dict:
         out[k + "_runs"] = [x for r in ok for x in r[k + "_runs"]]
         out[k + "_tps"] = statistics.median(out[k + "_runs"])
     out["gb_per_s"] = out["weight_bytes"] * out["decode_tps"] / 1e9
-    out["peak_rss"] = max(r["peak_rss"] for r in ok)
+    out["bw_shares"] = [x for r in ok for x in r.get("bw_shares", [])]
+    out["peak_rss"] = None if any(r["peak_rss"] is None for r in ok) else max(r["peak_rss"] for r in ok)
     return out
 
 
@@ -349,7 +375,7 @@ def _row_line(r: dict) -> str:
     if "error" in r:
         return f"  {r['row']}: failed (exit {r['error']})"
     return (f"  {r['row']}: prefill {r['prefill_tps']:.2f} tok/s, decode {r['decode_tps']:.2f} tok/s, "
-            f"{r['gb_per_s']:.2f} GB/s, peak RSS {r['peak_rss'] / 1e9:.2f} GB")
+            f"{r['gb_per_s']:.2f} GB/s, peak RSS {(r['peak_rss'] or 0) / 1e9:.2f} GB")
 
 
 def merge(speeds: list[dict]) -> dict:
@@ -373,7 +399,7 @@ def table(speed: dict) -> str:
         other = by.get(MATCH.get(row, (None, None))[i])
         return f"{by[row][key] / other[key]:.2f}x" if other else ""
 
-    head = ["row", "GB/token", "prefill tok/s", "decode tok/s", "GB/s", "% of bw", "decode vs llama.cpp",
+    head = ["row", "GB/token", "prefill tok/s", "decode tok/s", "GB/s", "% of bw", "% of bw around", "decode vs llama.cpp",
             "prefill vs llama.cpp", "decode vs hf", "prefill vs hf", "peak RSS GB"]
     lines, few = [], []
     for r in speed["rows"]:
@@ -383,9 +409,10 @@ def table(speed: dict) -> str:
         name = r["row"] + (f" ({MATCH[r['row']][0]})" if r["row"] in MATCH and MATCH[r["row"]][0] in by else "")
         lines.append([name, f"{r['weight_bytes'] / 1e9:.3f}", f"{r['prefill_tps']:.2f}", f"{r['decode_tps']:.2f}",
                       f"{r['gb_per_s']:.2f}", f"{100 * r['gb_per_s'] / bw:.0f}%",
+                      f"{100 * statistics.median(r['bw_shares']):.0f}%" if r.get("bw_shares") else "",
                       ratio(r["row"], 0, "decode_tps"), ratio(r["row"], 0, "prefill_tps"),
                       ratio(r["row"], 1, "decode_tps"), ratio(r["row"], 1, "prefill_tps"),
-                      f"{r['peak_rss'] / 1e9:.2f}"])
+                      "" if r["peak_rss"] is None else f"{r['peak_rss'] / 1e9:.2f}"])
         few += [f"{r['row']} {k}: {len(r[k + '_runs'])} run(s)" for k in ("prefill", "decode")
                 if len(r[k + "_runs"]) < speed["repeats"]]
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +48,10 @@ def test_llama_cpp_rows_run_on_our_export(run):
         assert len(r["decode_runs"]) == len(r["prefill_runs"]) == ROUNDS
         assert r["decode_tps"] == pytest.approx(sum(r["decode_runs"]) / ROUNDS) and r["prefill_tps"] > 0
         assert r["gb_per_s"] == pytest.approx(r["weight_bytes"] * r["decode_tps"] / 1e9)
-        # each child's own peak, not the parent's (whose bandwidth test alone touches 2 GiB)
+        # each child's own peak, not the parent's, nor its bandwidth probes' (2 GiB each)
         assert r["peak_rss"] < 1.5e9
+        # a share of the bandwidth measured around each decode run
+        assert len(r["bw_shares"]) == ROUNDS and all(x > 0 for x in r["bw_shares"])
     f16, q8, q4 = rows["llama-F16"], rows["llama-Q8_0"], rows["llama-Q4_K_M"]
     assert set(f16["tensor_types"]) == {"F16", "F32"}  # matrices F16, norms F32
     assert set(q8["tensor_types"]) == {"Q8_0", "F32"}
@@ -72,6 +75,8 @@ def test_table_has_ratios_against_the_matching_llama_cpp_row(run):
     assert f"{rows['int8']['prefill_tps'] / rows['llama-Q8_0']['prefill_tps']:.2f}x" in line
     bw = speed["bandwidth_gbs"]["read"]
     assert f"{100 * rows['int8']['gb_per_s'] / bw:.0f}%" in line
+    assert f"{100 * statistics.median(rows['int8']['bw_shares']):.0f}%" in line
+    assert "% of bw around" in out
 
 
 def test_split_runs_merge_into_the_same_table(run):
