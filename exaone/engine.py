@@ -48,6 +48,7 @@ import torch
 from .detokenizer import StreamingDetokenizer
 from .engine_types import ContextLengthError, EngineStats, Output, RequestHandle, SpecStats
 from .prefix_cache import BLOCK_SIZE, PREFIX_CACHE_BYTES, PrefixCache
+from .decode_plan import DecodePlan
 from .model import warm_kernels
 from .reasoning import THINK_CLOSE, THINK_END_FORCED
 from .sampling import Sampler, SamplingParams, StopMatcher, sample_batch
@@ -97,14 +98,17 @@ class Engine:
                  prefill_chunk: int = 512, think_end_ids: Sequence[int] | None = None,
                  think_end_forced_ids: Sequence[int] | None = None,
                  prefix_cache_bytes: int = PREFIX_CACHE_BYTES, prefix_block_size: int = BLOCK_SIZE,
-                 compile: bool = False, draft_model=None, num_speculative_tokens: int = 4):
+                 compile: bool = False, draft_model=None, num_speculative_tokens: int = 4,
+                 fused_decode: bool = True):
         """`think_end_ids`: the ids of `</think>` (default: encoded by the tokenizer);
         `think_end_forced_ids`: what a spent thinking budget forces (default: THINK_END_FORCED
         encoded, or `think_end_ids` without a tokenizer); `prefix_cache_bytes`: budget of the
         prefix cache (0 disables it), see prefix_cache.py; `compile`: decode steps through
         `torch.compile` with fixed shapes (exaone/compiled.py, docs/compiled-decode.md);
         `draft_model`: a model with the same tokenizer that proposes `num_speculative_tokens`
-        tokens a round for a lone greedy sequence (speculative.py, docs/speculative.md)."""
+        tokens a round for a lone greedy sequence (speculative.py, docs/speculative.md);
+        `fused_decode`: run decode steps' layers in one C++ call where the kernels cover them
+        (decode_plan.py; the same numbers as the eager step)."""
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         if draft_model is not None:
@@ -126,7 +130,8 @@ class Engine:
         if bad:
             raise ValueError(f"end-of-thinking ids must be in [0, {cfg.vocab_size}), got {bad}")
         self.cache = model.make_cache(rows=max_batch, max_len=self.max_len)
-        warm_kernels(model)  # decode uses exaone.kernels: build it now, not mid-request
+        ready = warm_kernels(model)  # decode uses exaone.kernels: build it now, not mid-request
+        self._plan = DecodePlan.build(model) if ready and fused_decode else None
         self.prefix_cache = (PrefixCache(self.cache, prefix_cache_bytes, prefix_block_size)
                              if prefix_cache_bytes > 0 else None)
         self.device = model.device
@@ -367,6 +372,8 @@ class Engine:
         pos = torch.tensor([[s.n_fed] for s in seqs], device=self.device)
         if self._compiled is not None:
             logits = self._compiled(toks, pos)
+        elif self._plan is not None and self._plan.usable(toks, self.cache):
+            logits = self._plan(toks, pos, self.cache, slice(0, B))[:, -1]
         else:
             logits = self.model(toks, position_ids=pos, cache=self.cache, rows=slice(0, B))[:, -1]
         pc = self.prefix_cache

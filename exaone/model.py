@@ -73,24 +73,18 @@ class Linear(nn.Linear):
                 torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             return F.linear(x, w, self.bias)
         rows = x.numel() // x.shape[-1]
+        if rows <= kernel_rows(w) and self._kernel_ok(w):
+            return _kernel(kernels.GEMM.module.f32_linear if w.dtype is torch.float32 else kernels.GEMM.module.bf16_linear,
+                           x, w)
         if x.dtype is torch.float32:
-            if rows <= _F32_KERNEL_ROWS and self._kernel_ok(w):
-                return _kernel(kernels.GEMM.module.f32_linear, x, w)
             if _ONEDNN_F32 and w.numel() >= _KERNEL_MIN_ELEMENTS and x.is_contiguous() and \
                     not torch.compiler.is_compiling():
                 return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
             return F.linear(x, w)
-        if x.dtype is not torch.bfloat16:
+        if x.dtype is not torch.bfloat16 or not _SLOW_BF16_GEMM:
             return F.linear(x, w)
-        if not _SLOW_BF16_GEMM:
-            if rows <= _NATIVE_BF16_KERNEL_ROWS and self._kernel_ok(w):
-                return _kernel(kernels.GEMM.module.bf16_linear, x, w)
-            return F.linear(x, w)
-        if rows < _UPCAST_ROWS:
-            if not self._kernel_ok(w):
-                return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0]) if rows == 1 else F.linear(x, w)
-            if rows < _KERNEL_UPCAST_ROWS or w.numel() >= _KERNEL_MIN_WEIGHTS:
-                return _kernel(kernels.GEMM.module.bf16_linear, x, w)
+        if rows < _UPCAST_ROWS and not self._kernel_ok(w):
+            return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0]) if rows == 1 else F.linear(x, w)
         return self.upcast(x, w)
 
     @staticmethod
@@ -109,6 +103,18 @@ class Linear(nn.Linear):
         for s in range(0, w.shape[0], step):
             out[..., s:s + step] = F.linear(xf, w[s:s + step].float())
         return out
+
+
+def kernel_rows(w: torch.Tensor) -> int:
+    """Up to how many rows of x `Linear` sends to exaone.kernels' GEMM for weight w (when the
+    kernel is usable, `Linear._kernel_ok`): the routing of the table in docs/kernels.md."""
+    if w.dtype is torch.float32:
+        return _F32_KERNEL_ROWS
+    if w.dtype is not torch.bfloat16:
+        return 0
+    if not _SLOW_BF16_GEMM:
+        return _NATIVE_BF16_KERNEL_ROWS
+    return _UPCAST_ROWS - 1 if w.numel() >= _KERNEL_MIN_WEIGHTS else _KERNEL_UPCAST_ROWS - 1
 
 
 def _kernel(fn, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

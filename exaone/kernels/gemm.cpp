@@ -953,6 +953,84 @@ torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
   return out;
 }
 
+// ---- The layers of a decode step in one call ---------------------------------------------------
+// What model.DecoderLayer.forward does for a one-token step with a KVCache, layer after layer, with
+// the same kernels in the same order (so the same numbers), but without ~25 Python-level calls a
+// layer between them: exaone/decode_plan.py builds a DecodeLayers from a model once. A group is
+// the linears that share an input: q|k|v, o, gate|up, down. kind 0 / 1: float32 / bfloat16
+// weights, one f32_linear / bf16_linear call each; kind 2: packed int8 / int4 weights, one call of
+// qgemm's qlinear_many (another extension: its address comes in a capsule) and column slices.
+using QLinearMany = torch::Tensor (*)(const torch::Tensor&, const std::vector<torch::Tensor>&,
+                                      const std::vector<torch::Tensor>&, const std::vector<int64_t>&, int64_t, int64_t);
+
+struct Group {
+  int64_t kind;
+  std::vector<torch::Tensor> w, s;
+  std::vector<int64_t> n;
+  int64_t bits, block;
+};
+
+struct Layer {
+  Group qkv, o, gate_up, down;
+  torch::Tensor q_norm, k_norm, post_attn, post_ff;
+  double eps;
+  int64_t window;  // 0: global layer; else the ring's slots
+  bool rope;
+};
+
+class DecodeLayers {
+ public:
+  DecodeLayers(py::object qlinear_many, std::vector<Layer> layers) : layers_(std::move(layers)) {
+    if (!qlinear_many.is_none()) qfn_ = reinterpret_cast<QLinearMany>(qlinear_many.cast<py::capsule>().get_pointer());
+    for (const Layer& l : layers_)
+      for (const Group* g : {&l.qkv, &l.o, &l.gate_up, &l.down}) {
+        TORCH_CHECK(g->kind >= 0 && g->kind <= 2 && !g->n.empty() && (g->kind != 2 || qfn_),
+                    "DecodeLayers: bad linear group (kind ", g->kind, ")");
+        TORCH_CHECK(g->kind == 2 ? g->w.size() == 1 || g->w.size() == g->n.size() : g->w.size() == g->n.size(),
+                    "DecodeLayers: one weight per output part");
+      }
+  }
+
+  // x (B, hidden) -> x after every layer. cos, sin (B, D) for the RoPE layers (or None); pos (B,)
+  // int64 positions; the batch is rows [row0, row0 + B) of the cache's per-layer K and V.
+  torch::Tensor run(torch::Tensor x, const c10::optional<torch::Tensor>& cos, const c10::optional<torch::Tensor>& sin,
+                    const torch::Tensor& pos, int64_t row0, const std::vector<torch::Tensor>& K,
+                    const std::vector<torch::Tensor>& V) const {
+    TORCH_CHECK(K.size() == layers_.size() && V.size() == layers_.size(), "DecodeLayers: one K and V per layer");
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "DecodeLayers: x must be a contiguous (B, hidden) tensor");
+    const c10::optional<torch::Tensor> none;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const Layer& l = layers_[i];
+      auto qkv = apply(l.qkv, x);
+      TORCH_CHECK(qkv.size() == 3, "DecodeLayers: q|k|v must be three parts");
+      const double scale = 1.0 / std::sqrt(double(l.q_norm.numel()));
+      auto a = attend_decode(qkv[0], qkv[1], qkv[2], l.q_norm, l.k_norm, l.eps, l.rope ? cos : none,
+                             l.rope ? sin : none, K[i], V[i], row0, pos, l.window, scale);
+      x = rms_norm(apply(l.o, a)[0], l.post_attn, l.eps, x);
+      auto gu = apply(l.gate_up, x);
+      TORCH_CHECK(gu.size() == 2, "DecodeLayers: gate|up must be two parts");
+      x = rms_norm(apply(l.down, silu_mul(gu[0], gu[1]))[0], l.post_ff, l.eps, x);
+    }
+    return x;
+  }
+
+ private:
+  std::vector<torch::Tensor> apply(const Group& g, const torch::Tensor& x) const {
+    std::vector<torch::Tensor> out;
+    if (g.kind == 2) {
+      auto y = qfn_(x, g.w, g.s, g.n, g.bits, g.block);
+      int64_t c = 0;
+      for (int64_t n : g.n) out.push_back(y.narrow(1, c, n)), c += n;
+      return out;
+    }
+    for (const auto& w : g.w) out.push_back(g.kind == 0 ? f32_linear(x, w) : bf16_linear(x, w));
+    return out;
+  }
+
+  QLinearMany qfn_ = nullptr;
+  std::vector<Layer> layers_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -970,4 +1048,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_norm"), py::arg("k_norm"), py::arg("eps"), py::arg("cos"),
         py::arg("sin"), py::arg("K"), py::arg("V"), py::arg("row0"), py::arg("pos"), py::arg("window"), py::arg("scale"));
   m.def("silu_mul", &silu_mul, "silu(gate) * up, (M, N) rows, fp32 or bf16");
+  py::class_<Group>(m, "Group")
+      .def(py::init([](int64_t kind, std::vector<torch::Tensor> w, std::vector<torch::Tensor> s, std::vector<int64_t> n,
+                       int64_t bits, int64_t block) { return Group{kind, std::move(w), std::move(s), std::move(n), bits, block}; }),
+           py::arg("kind"), py::arg("w"), py::arg("s"), py::arg("n"), py::arg("bits") = 0, py::arg("block") = 0);
+  py::class_<Layer>(m, "Layer")
+      .def(py::init([](Group qkv, Group o, Group gate_up, Group down, torch::Tensor q_norm, torch::Tensor k_norm,
+                       torch::Tensor post_attn, torch::Tensor post_ff, double eps, int64_t window, bool rope) {
+             return Layer{std::move(qkv), std::move(o), std::move(gate_up), std::move(down), std::move(q_norm),
+                          std::move(k_norm), std::move(post_attn), std::move(post_ff), eps, window, rope};
+           }));
+  py::class_<DecodeLayers>(m, "DecodeLayers")
+      .def(py::init<py::object, std::vector<Layer>>(), py::arg("qlinear_many"), py::arg("layers"))
+      .def("run", &DecodeLayers::run, "x (B, hidden) through every layer of a one-token step",
+           py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("pos"), py::arg("row0"), py::arg("K"), py::arg("V"),
+           py::call_guard<py::gil_scoped_release>());
 }

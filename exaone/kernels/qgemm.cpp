@@ -296,4 +296,6 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& w, const torc
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "x (M, K) float32/bf16 @ packed int8/int4 weights -> (M, N), int8 activations, VNNI");
   m.def("qlinear_many", &qlinear_many, "x (M, K) @ several packed weights of one kind -> (M, sum N), x quantized once");
+  // For gemm.cpp's DecodeLayers, which calls it between its own kernels without going through Python.
+  m.def("qlinear_many_capsule", [] { return py::capsule(reinterpret_cast<void*>(&qlinear_many), "exaone.qlinear_many"); });
 }
