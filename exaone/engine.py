@@ -45,10 +45,10 @@ from typing import Sequence
 
 import torch
 
+from .decode_plan import DecodePlan
 from .detokenizer import StreamingDetokenizer
 from .engine_types import ContextLengthError, EngineStats, Output, RequestHandle, SpecStats
 from .prefix_cache import BLOCK_SIZE, PREFIX_CACHE_BYTES, PrefixCache
-from .decode_plan import DecodePlan
 from .model import warm_kernels
 from .reasoning import THINK_CLOSE, THINK_END_FORCED
 from .sampling import Sampler, SamplingParams, StopMatcher, sample_batch

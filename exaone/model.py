@@ -259,7 +259,7 @@ class MLP(nn.Module):
     def forward(self, x):
         m = self._modules  # see Attention.forward
         gate, up = project(x, (m["gate_proj"], m["up_proj"]))
-        if RMSNorm._kernel_ok(gate, gate) and up.dtype is gate.dtype and up.stride(-1) == 1:
+        if RMSNorm._kernel_ok(gate, up) and up.stride(-1) == 1:  # (up in w's place: its dtype and grad)
             # One C++ call and no intermediate (F.silu, then the product): same roundings.
             n = gate.shape[-1]
             h = kernels.GEMM.module.silu_mul(gate.reshape(-1, n), up.reshape(-1, n)).view(gate.shape)

@@ -102,3 +102,22 @@ def test_engine_decodes_through_the_plan_with_the_same_tokens(kern, monkeypatch,
     assert calls  # decode steps went through the plan
     n = len(calls)
     assert generate(False) == fused and len(calls) == n
+
+
+def test_decode_layers_refuse_malformed_input(kern):
+    m = _model("float32")
+    plan = DecodePlan.build(m)
+    mod = kernels.GEMM.module
+    w = m.model.layers[0].self_attn.q_proj.weight.detach()
+    n = torch.ones(w.shape[1])
+    g1 = mod.Group(0, [w], [], [w.shape[0]])
+    with pytest.raises(RuntimeError, match="q|k|v, o, gate|up, down"):
+        mod.DecodeLayers(None, [mod.Layer(g1, g1, g1, g1, n, n, n, n, 1e-5, 0, True)])
+    with pytest.raises(RuntimeError, match="capsule"):  # packed weights without qgemm's function
+        g3 = mod.Group(2, [w] * 3, [n] * 3, [1, 1, 1], 4, 32)
+        mod.DecodeLayers(None, [mod.Layer(g3, g1, mod.Group(0, [w, w], [], [1, 1]), g1, n, n, n, n, 1e-5, 0, True)])
+    cache = m.make_cache(rows=1, max_len=64)
+    x = torch.zeros(1, m.config.hidden_size)
+    pos = torch.zeros(1, dtype=torch.long)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="one K and V per layer"):
+        plan._layers.run(x, None, None, pos, 0, cache.k[:-1], cache.v[:-1])

@@ -982,13 +982,15 @@ class DecodeLayers {
  public:
   DecodeLayers(py::object qlinear_many, std::vector<Layer> layers) : layers_(std::move(layers)) {
     if (!qlinear_many.is_none()) qfn_ = reinterpret_cast<QLinearMany>(qlinear_many.cast<py::capsule>().get_pointer());
-    for (const Layer& l : layers_)
-      for (const Group* g : {&l.qkv, &l.o, &l.gate_up, &l.down}) {
-        TORCH_CHECK(g->kind >= 0 && g->kind <= 2 && !g->n.empty() && (g->kind != 2 || qfn_),
-                    "DecodeLayers: bad linear group (kind ", g->kind, ")");
-        TORCH_CHECK(g->kind == 2 ? g->w.size() == 1 || g->w.size() == g->n.size() : g->w.size() == g->n.size(),
-                    "DecodeLayers: one weight per output part");
-      }
+    for (const Layer& l : layers_) {
+      TORCH_CHECK(l.qkv.n.size() == 3 && l.o.n.size() == 1 && l.gate_up.n.size() == 2 && l.down.n.size() == 1,
+                  "DecodeLayers: a layer's groups are q|k|v, o, gate|up, down");
+      for (const Group* g : {&l.qkv, &l.o, &l.gate_up, &l.down})
+        TORCH_CHECK(g->kind >= 0 && g->kind <= 2 && g->w.size() == g->n.size() && (g->kind != 2 || qfn_) &&
+                    (g->kind != 2 || g->s.size() == g->n.size()),
+                    "DecodeLayers: a group needs one weight (and for kind 2 one scales tensor) per part, kind 0-2, "
+                    "and kind 2 the qlinear_many capsule");
+    }
   }
 
   // x (B, hidden) -> x after every layer. cos, sin (B, D) for the RoPE layers (or None); pos (B,)
@@ -1002,13 +1004,11 @@ class DecodeLayers {
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
       auto qkv = apply(l.qkv, x);
-      TORCH_CHECK(qkv.size() == 3, "DecodeLayers: q|k|v must be three parts");
       const double scale = 1.0 / std::sqrt(double(l.q_norm.numel()));
       auto a = attend_decode(qkv[0], qkv[1], qkv[2], l.q_norm, l.k_norm, l.eps, l.rope ? cos : none,
                              l.rope ? sin : none, K[i], V[i], row0, pos, l.window, scale);
       x = rms_norm(apply(l.o, a)[0], l.post_attn, l.eps, x);
       auto gu = apply(l.gate_up, x);
-      TORCH_CHECK(gu.size() == 2, "DecodeLayers: gate|up must be two parts");
       x = rms_norm(apply(l.down, silu_mul(gu[0], gu[1]))[0], l.post_ff, l.eps, x);
     }
     return x;
