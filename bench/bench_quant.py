@@ -236,7 +236,7 @@ def _median_rate(fn, repeats: int, budget: float) -> tuple[float, list[float]]:
 
 
 def _speed_child(args) -> dict:
-    from exaone.commands.bench import Ours, Reference, _prompt, bandwidth_gbs, build_model
+    from exaone.commands.bench import Ours, Reference, _prompt, bandwidth_around, bandwidth_gbs, build_model
     from exaone.quant import quantize_model, weight_bytes
 
     torch.set_num_threads(args.threads)
@@ -273,9 +273,7 @@ def _speed_child(args) -> dict:
             return bw
 
         def decode():
-            before = probe()
-            sec, tokens = runner.decode(context, args.decode_tokens)
-            around = (before + probe()) / 2  # the host's bandwidth drifts in seconds
+            (sec, tokens), around = bandwidth_around(lambda: runner.decode(context, args.decode_tokens), probe)
             shares.append(info["weight_bytes"] * tokens / sec / 1e9 / around)
             return sec, tokens
         decode, decode_runs = _median_rate(decode, args.repeats, args.cell_budget)

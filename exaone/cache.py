@@ -174,12 +174,16 @@ class KVCache:
         return sdpa(q, keys, vals, mask)
 
 
+def kernel_head_dim_ok(D: int) -> bool:
+    """The head sizes exaone.kernels' decode attention (`decode_attention`, `attend_decode`) takes."""
+    return D in (32, 64) or D % 128 == 0
+
+
 def _kernel_attention_ok(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """exaone.kernels' decode attention, when something else built it (attention never builds it)."""
-    D = q.shape[-1]
     return (kernels.GEMM.module is not None and q.is_cpu and q.dtype is keys.dtype
             and q.dtype in (torch.float32, torch.bfloat16)
-            and (D in (32, 64) or D % 128 == 0) and not torch.compiler.is_compiling())
+            and kernel_head_dim_ok(q.shape[-1]) and not torch.compiler.is_compiling())
 
 
 def _kernel_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,7 @@ class DecodePlan:
                 model.dtype not in (torch.float32, torch.bfloat16) or kernels.GEMM.module is None:
             return None
         cfg, dtype = model.config, model.dtype
-        D = cfg.head_dim
-        if not (D in (32, 64) or D % 128 == 0) or (any(cfg.use_rope) and D % 32):
+        if not all(layer.self_attn.attend_kernel_ok for layer in model.model.layers):
             return None
         limits, layers, quant = [], [], False
         for layer, sliding in zip(model.model.layers, cfg.is_sliding):

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import kernels
 from .kernels._ext import cpuinfo
-from .cache import SLOW_BF16, KVCache, sdpa
+from .cache import SLOW_BF16, KVCache, kernel_head_dim_ok, sdpa
 from .config import Exaone4Config, llama3_inv_freq
 
 
@@ -226,18 +226,27 @@ class Attention(nn.Module):
             out = sdpa(q, k, v, mask)
         return m["o_proj"](out.transpose(1, 2).reshape(B, C, -1))
 
+    @property
+    def rope_kernel_ok(self) -> bool:
+        """norm_rope's shapes: it rotates whole vectors (D % 32 on RoPE layers)."""
+        return not self.use_rope or self.head_dim % 32 == 0
+
+    @property
+    def attend_kernel_ok(self) -> bool:
+        """attend_decode's shapes: norm_rope's and a head size its attention takes."""
+        return self.rope_kernel_ok and kernel_head_dim_ok(self.head_dim)
+
     def _fused_ok(self, q: torch.Tensor, store: torch.Tensor) -> bool:
         """attend_decode takes this step: the kernels are built (by whoever needed them first; this
         never builds them), the cache holds q's dtype, and the head size is one it handles."""
-        D = self.head_dim
-        return (RMSNorm._kernel_ok(q, self._modules["q_norm"]._parameters["weight"]) and store.dtype is q.dtype
-                and store.is_contiguous() and (D in (32, 64) or D % 128 == 0) and (not self.use_rope or D % 32 == 0))
+        return (self.attend_kernel_ok and RMSNorm._kernel_ok(q, self._modules["q_norm"]._parameters["weight"])
+                and store.dtype is q.dtype and store.is_contiguous())
 
     def _norm_rope(self, y: torch.Tensor, norm: RMSNorm, heads: int, cos, sin) -> torch.Tensor:
         """(B, C, heads * D) projection -> (B, heads, C, D), normalised per head, rotated on RoPE layers."""
         B, C, D = y.shape[0], y.shape[1], self.head_dim
         w = norm._parameters["weight"]
-        if norm._kernel_ok(y, w) and (not self.use_rope or D % 32 == 0):
+        if self.rope_kernel_ok and norm._kernel_ok(y, w):
             # One C++ call for the norm, the rotation and their roundings, instead of ~8 small ops.
             if self.use_rope:
                 cos, sin = cos.reshape(B * C, D), sin.reshape(B * C, D)

@@ -134,6 +134,16 @@ def bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> dict:
     return {"read": best_read, "copy": best_copy}
 
 
+def bandwidth_around(fn, probe=None):
+    """(fn()'s result, the read bandwidth around it): the mean of a probe just before and one just
+    after, because a shared host's bandwidth drifts in seconds. `probe()` -> GB/s; default a
+    short `bandwidth_gbs` read."""
+    probe = probe or (lambda: bandwidth_gbs(repeats=3)["read"])
+    before = probe()
+    out = fn()
+    return out, (before + probe()) / 2
+
+
 def _prompt(rows: int, n: int, vocab: int, seed: int):
     import torch
 
@@ -379,12 +389,10 @@ def run(args) -> int:
             shares = []  # batch 1: our achieved GB/s over the read bandwidth measured around it
 
             def decode(r, ids=ids, B=B, shares=shares):
-                probe = B == 1 and r.name == "ours"
-                before = bandwidth_gbs(repeats=3)["read"] if probe else None
-                sec, tokens = r.decode(ids, args.decode_tokens)
-                if probe:  # the mean of probes before and after: the host's bandwidth drifts in seconds
-                    around = (before + bandwidth_gbs(repeats=3)["read"]) / 2
-                    shares.append(wbytes * tokens / sec / 1e9 / around)
+                if B != 1 or r.name != "ours":
+                    return r.decode(ids, args.decode_tokens)
+                (sec, tokens), around = bandwidth_around(lambda: r.decode(ids, args.decode_tokens))
+                shares.append(wbytes * tokens / sec / 1e9 / around)
                 return sec, tokens
 
             tps = _median_interleaved(runners, decode, args.repeats, args.cell_budget)
